@@ -1,0 +1,341 @@
+// CPU kernels of the per-channel operators of the efficient dense block:
+// channel statistics, fused BatchNorm+ReLU forward and its backward.
+//
+// Layout: a [N, C, H, W] tensor whose H×W planes are contiguous (the block
+// buffer, channel slices of it, NCHW scratches). Each plane is one vectorised
+// run; reductions accumulate per plane in the math type (float for
+// half/bfloat16) and across planes in double.
+#include "../bn_relu_checks.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace densenet_efficient {
+namespace {
+
+template <typename T>
+struct Planes {
+  T* data;
+  int64_t stride_n;
+  int64_t stride_c;
+
+  T* plane(int64_t n, int64_t c) const {
+    return data + n * stride_n + c * stride_c;
+  }
+};
+
+template <typename scalar_t>
+Planes<const scalar_t> read_planes(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(has_contiguous_planes(t));
+  return {t.const_data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
+}
+
+template <typename scalar_t>
+Planes<scalar_t> write_planes(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(has_contiguous_planes(t));
+  return {t.mutable_data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
+}
+
+at::Tensor as_math_vector(const at::Tensor& v, const at::Tensor& input) {
+  return v.to(at::toOpMathType(input.scalar_type())).contiguous();
+}
+
+// Grain sizes in planes/channels; below them threading costs more than it
+// saves.
+int64_t grain_for(int64_t plane_size) {
+  constexpr int64_t kElementsPerTask = 32768;
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, plane_size));
+}
+
+const auto plus = [](auto a, auto b) { return a + b; };
+
+// Mean and biased variance per channel, two passes (the second over
+// deviations from the mean, so no cancellation between large sums).
+std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& input_) {
+  check_channel_stats_args(input_);
+  const auto input = with_contiguous_planes(input_);
+  const int64_t batch = input.size(0), channels = input.size(1);
+  const int64_t plane_size = input.size(2) * input.size(3);
+  const int64_t count = batch * plane_size;
+  const auto math_options =
+      input.options().dtype(at::toOpMathType(input.scalar_type()));
+  auto mean = at::empty({channels}, math_options);
+  auto var = at::empty({channels}, math_options);
+  if (count == 0) {  // statistics of nothing, as torch.mean/var say
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_cpu", [&] {
+        using math_t = at::opmath_type<scalar_t>;
+        const auto x = read_planes<scalar_t>(input);
+        auto* mean_out = mean.mutable_data_ptr<math_t>();
+        auto* var_out = var.mutable_data_ptr<math_t>();
+        at::parallel_for(
+            0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
+              for (int64_t c = begin; c < end; ++c) {
+                double sum = 0;
+                for (int64_t n = 0; n < batch; ++n) {
+                  sum += at::vec::reduce_all<scalar_t>(
+                      plus, x.plane(n, c), plane_size);
+                }
+                const math_t m = static_cast<math_t>(sum / count);
+                double squared_deviations = 0;
+                for (int64_t n = 0; n < batch; ++n) {
+                  squared_deviations += at::vec::map_reduce_all<scalar_t>(
+                      [m](auto v) {
+                        const auto d = v - decltype(v)(m);
+                        return d * d;
+                      },
+                      plus, x.plane(n, c), plane_size);
+                }
+                mean_out[c] = m;
+                var_out[c] = static_cast<math_t>(squared_deviations / count);
+              }
+            });
+      });
+  return {mean, var};
+}
+
+// out = max(0, x * scale + shift) with scale = weight * invstd and
+// shift = bias - mean * scale (the same affine form as ATen's batch_norm).
+at::Tensor& bn_relu_out_cpu(
+    const at::Tensor& input_,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    at::Tensor& out) {
+  check_bn_relu_args("bn_relu", input_, mean, invstd, weight, bias);
+  check_like_input("bn_relu", "out", input_, out);
+  if (!has_contiguous_planes(out)) {
+    auto result = at::empty_like(input_, at::MemoryFormat::Contiguous);
+    bn_relu_out_cpu(input_, mean, invstd, weight, bias, result);
+    out.copy_(result);
+    return out;
+  }
+  const auto input = with_contiguous_planes(input_);
+  const int64_t batch = input.size(0), channels = input.size(1);
+  const int64_t plane_size = input.size(2) * input.size(3);
+  if (input.numel() == 0) {
+    return out;
+  }
+  const auto mean_v = as_math_vector(mean, input);
+  const auto invstd_v = as_math_vector(invstd, input);
+  const auto weight_v = as_math_vector(weight, input);
+  const auto bias_v = as_math_vector(bias, input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_cpu", [&] {
+        using math_t = at::opmath_type<scalar_t>;
+        const auto x = read_planes<scalar_t>(input);
+        const auto y = write_planes<scalar_t>(out);
+        const auto* m = mean_v.const_data_ptr<math_t>();
+        const auto* r = invstd_v.const_data_ptr<math_t>();
+        const auto* w = weight_v.const_data_ptr<math_t>();
+        const auto* b = bias_v.const_data_ptr<math_t>();
+        at::parallel_for(
+            0, batch * channels, grain_for(plane_size),
+            [&](int64_t begin, int64_t end) {
+              for (int64_t i = begin; i < end; ++i) {
+                const int64_t n = i / channels, c = i % channels;
+                const math_t scale = w[c] * r[c];
+                const math_t shift = b[c] - m[c] * scale;
+                at::vec::map<scalar_t>(
+                    [scale, shift](auto v) {
+                      using Vec = decltype(v);
+                      return at::vec::maximum(
+                          v * Vec(scale) + Vec(shift), Vec(0));
+                    },
+                    y.plane(n, c), x.plane(n, c), plane_size);
+              }
+            });
+      });
+  return out;
+}
+
+at::Tensor bn_relu_cpu(
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& weight,
+    const at::Tensor& bias) {
+  auto out = at::empty_like(input, at::MemoryFormat::Contiguous);
+  return bn_relu_out_cpu(input, mean, invstd, weight, bias, out);
+}
+
+// Backward of s = relu(y), y = γ·x̂ + β, x̂ = (x − μ)·r, per channel, sums over
+// the M = N·H·W elements of the channel. With g = ds·[y > 0]:
+//   dβ = Σ g,   dγ = Σ g·x̂ = r·Σ g·(x − μ).
+// Fixed statistics (eval): dx = γ·r·g.
+// Batch statistics μ = Σx/M, r = (Σ(x − μ)²/M + ε)^(-1/2): differentiating
+// through μ and r adds −(γ·r/M)·(dβ + x̂·dγ), so
+//   dx = γ·r·(g − dβ/M − (x − μ)·r·dγ/M)
+// which is the formula of ATen's batch_norm_backward with g for ds.
+// `accumulate` adds dx into grad_input instead of overwriting it.
+template <bool accumulate>
+void bn_relu_backward_cpu_impl(
+    const at::Tensor& grad_output_,
+    const at::Tensor& input_,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    bool batch_stats,
+    const at::Tensor& grad_input,
+    const at::Tensor& grad_weight,
+    const at::Tensor& grad_bias) {
+  const auto input = with_contiguous_planes(input_);
+  const auto grad_output = with_contiguous_planes(grad_output_);
+  const int64_t batch = input.size(0), channels = input.size(1);
+  const int64_t plane_size = input.size(2) * input.size(3);
+  const int64_t count = batch * plane_size;
+  const auto mean_v = as_math_vector(mean, input);
+  const auto invstd_v = as_math_vector(invstd, input);
+  const auto weight_v = as_math_vector(weight, input);
+  const auto bias_v = as_math_vector(bias, input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cpu",
+      [&] {
+        using math_t = at::opmath_type<scalar_t>;
+        const auto x = read_planes<scalar_t>(input);
+        const auto dy = read_planes<scalar_t>(grad_output);
+        const auto dx = write_planes<scalar_t>(grad_input);
+        const auto* m = mean_v.const_data_ptr<math_t>();
+        const auto* r = invstd_v.const_data_ptr<math_t>();
+        const auto* w = weight_v.const_data_ptr<math_t>();
+        const auto* b = bias_v.const_data_ptr<math_t>();
+        auto* dw = grad_weight.mutable_data_ptr<math_t>();
+        auto* db = grad_bias.mutable_data_ptr<math_t>();
+        at::parallel_for(
+            0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
+              for (int64_t c = begin; c < end; ++c) {
+                const math_t scale = w[c] * r[c];
+                const math_t shift = b[c] - m[c] * scale;
+                const math_t mu = m[c];
+                // g = dy where the ReLU passed its input (y > 0), else 0.
+                const auto gated = [scale, shift](auto g, auto v) {
+                  using Vec = decltype(v);
+                  const Vec zero(0);
+                  return Vec::blendv(zero, g, v * Vec(scale) + Vec(shift) > zero);
+                };
+                double sum_g = 0, sum_g_centered = 0;
+                for (int64_t n = 0; n < batch; ++n) {
+                  sum_g += at::vec::map2_reduce_all<scalar_t>(
+                      gated, plus, dy.plane(n, c), x.plane(n, c), plane_size);
+                  sum_g_centered += at::vec::map2_reduce_all<scalar_t>(
+                      [&gated, mu](auto g, auto v) {
+                        using Vec = decltype(v);
+                        return gated(g, v) * (v - Vec(mu));
+                      },
+                      plus, dy.plane(n, c), x.plane(n, c), plane_size);
+                }
+                dw[c] = static_cast<math_t>(sum_g_centered * r[c]);
+                db[c] = static_cast<math_t>(sum_g);
+                const math_t mean_g =
+                    batch_stats ? static_cast<math_t>(sum_g / count) : 0;
+                const math_t centered_coef = batch_stats
+                    ? static_cast<math_t>(sum_g_centered * r[c] * r[c] / count)
+                    : 0;
+                const auto grad_x = [&gated, scale, mean_g, centered_coef, mu](
+                                        auto g, auto v) {
+                  using Vec = decltype(v);
+                  return Vec(scale) *
+                      (gated(g, v) - Vec(mean_g) -
+                       (v - Vec(mu)) * Vec(centered_coef));
+                };
+                for (int64_t n = 0; n < batch; ++n) {
+                  if constexpr (accumulate) {
+                    at::vec::map3<scalar_t>(
+                        [&grad_x](auto g, auto v, auto sum) {
+                          return sum + grad_x(g, v);
+                        },
+                        dx.plane(n, c), dy.plane(n, c), x.plane(n, c),
+                        dx.plane(n, c), plane_size);
+                  } else {
+                    at::vec::map2<scalar_t>(
+                        grad_x, dx.plane(n, c), dy.plane(n, c), x.plane(n, c),
+                        plane_size);
+                  }
+                }
+              }
+            });
+      });
+}
+
+std::tuple<at::Tensor, at::Tensor> new_parameter_grads(
+    const at::Tensor& input,
+    int64_t channels) {
+  const auto options =
+      input.options().dtype(at::toOpMathType(input.scalar_type()));
+  return {at::empty({channels}, options), at::empty({channels}, options)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    bool batch_stats) {
+  check_bn_relu_args("bn_relu_backward", input, mean, invstd, weight, bias);
+  check_like_input("bn_relu_backward", "grad_output", input, grad_output);
+  auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+  auto [grad_weight, grad_bias] = new_parameter_grads(input, input.size(1));
+  bn_relu_backward_cpu_impl</*accumulate=*/false>(
+      grad_output, input, mean, invstd, weight, bias, batch_stats, grad_input,
+      grad_weight, grad_bias);
+  return {
+      grad_input, grad_weight.to(weight.scalar_type()),
+      grad_bias.to(bias.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate_cpu(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    bool batch_stats,
+    at::Tensor& grad_input_sum) {
+  check_bn_relu_args(
+      "bn_relu_backward_accumulate", input, mean, invstd, weight, bias);
+  check_like_input(
+      "bn_relu_backward_accumulate", "grad_output", input, grad_output);
+  check_like_input(
+      "bn_relu_backward_accumulate", "grad_input_sum", input, grad_input_sum);
+  auto [grad_weight, grad_bias] = new_parameter_grads(input, input.size(1));
+  if (has_contiguous_planes(grad_input_sum)) {
+    bn_relu_backward_cpu_impl</*accumulate=*/true>(
+        grad_output, input, mean, invstd, weight, bias, batch_stats,
+        grad_input_sum, grad_weight, grad_bias);
+  } else {
+    auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+    bn_relu_backward_cpu_impl</*accumulate=*/false>(
+        grad_output, input, mean, invstd, weight, bias, batch_stats,
+        grad_input, grad_weight, grad_bias);
+    grad_input_sum.add_(grad_input);
+  }
+  return {grad_weight.to(weight.scalar_type()), grad_bias.to(bias.scalar_type())};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(densenet_efficient, CPU, m) {
+  m.impl("channel_stats", &channel_stats_cpu);
+  m.impl("bn_relu", &bn_relu_cpu);
+  m.impl("bn_relu.out", &bn_relu_out_cpu);
+  m.impl("bn_relu_backward", &bn_relu_backward_cpu);
+  m.impl("bn_relu_backward_accumulate", &bn_relu_backward_accumulate_cpu);
+}
+
+} // namespace densenet_efficient

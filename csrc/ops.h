@@ -1,0 +1,47 @@
+// Typed entry points to the densenet_efficient operators. They go through the
+// dispatcher, so the C++ orchestration uses whichever device kernel is
+// registered for its tensors (CPU, CUDA) exactly as a Python caller would.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace densenet_efficient::ops {
+
+// Per-channel batch mean and biased variance of a 4-D [N, C, H, W] tensor,
+// reduced over N, H, W, in the input's math type (float for half/bfloat16).
+std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input);
+
+// out = relu(weight * (input - mean) * invstd + bias), per channel.
+at::Tensor& bn_relu_out(
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    at::Tensor& out);
+
+// Gradients of bn_relu. With batch_stats, mean/invstd are taken to be the
+// batch statistics of input and grad_input includes their derivative.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    bool batch_stats);
+
+// As bn_relu_backward, but grad_input is added into `grad_input_sum` in place.
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& invstd,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    bool batch_stats,
+    at::Tensor& grad_input_sum);
+
+} // namespace densenet_efficient::ops

@@ -1,0 +1,8 @@
+"""densenet_efficient: DenseNet blocks whose training memory grows linearly
+with depth, as drop-in replacements for torchvision's dense blocks."""
+
+from . import _ops, functional, memory, reference
+from .modules import MODES, DenseBlock, DenseLayer
+
+__all__ = ["MODES", "DenseBlock", "DenseLayer", "functional", "memory", "reference"]
+__version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""The efficient dense block as a function of its layer modules.
+
+``dense_block(input, layers)`` computes exactly what torchvision's
+``_DenseBlock`` computes for those layers (output = input and every layer's new
+features, concatenated), with memory linear in depth: see docs/design.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ._ops import ops
+
+__all__ = ["check_block_input", "dense_block"]
+
+
+def _named_layers(layers: Mapping[str, nn.Module] | Iterable[nn.Module]) -> list[tuple[str, nn.Module]]:
+    if hasattr(layers, "items"):
+        return list(layers.items())
+    return [(f"layer{i + 1}", layer) for i, layer in enumerate(layers)]
+
+
+def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+    # torch.nn.functional.batch_norm's rule.
+    return norm.training or norm.running_mean is None
+
+
+def _updates_running_stats(norm: nn.BatchNorm2d) -> bool:
+    return norm.training and norm.track_running_stats
+
+
+def _check_conv(name: str, conv: nn.Module, kernel: int) -> None:
+    padding = (kernel - 1) // 2
+    ok = (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (kernel, kernel)
+        and conv.stride == (1, 1)
+        and conv.padding == (padding, padding)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.bias is None
+        and conv.padding_mode == "zeros"
+    )
+    if not ok:
+        raise ValueError(
+            f"efficient mode needs {name} to be nn.Conv2d(kernel_size={kernel}, stride=1, "
+            f"padding={padding}, bias=False); got {conv!r}"
+        )
+
+
+def _check_layer(name: str, layer: nn.Module) -> None:
+    for norm_name in ("norm1", "norm2"):
+        norm = getattr(layer, norm_name, None)
+        if type(norm) is not nn.BatchNorm2d or not norm.affine:
+            raise ValueError(
+                f"efficient mode supports {name}.{norm_name} = nn.BatchNorm2d(affine=True) "
+                f"(track_running_stats and momentum may be anything); got {norm!r}"
+            )
+    for relu_name in ("relu1", "relu2"):
+        relu = getattr(layer, relu_name, None)
+        if type(relu) is not nn.ReLU:
+            raise ValueError(f"efficient mode needs {name}.{relu_name} to be nn.ReLU; got {relu!r}")
+    _check_conv(f"{name}.conv1", getattr(layer, "conv1", None), kernel=1)
+    _check_conv(f"{name}.conv2", getattr(layer, "conv2", None), kernel=3)
+
+
+def check_block_input(input: Tensor, layers: Mapping[str, nn.Module] | Iterable[nn.Module]) -> None:
+    """Rejects a block input that cannot be right, before any state changes."""
+    _check_input(input, _named_layers(layers))
+
+
+def _check_input(input: Tensor, named: list[tuple[str, nn.Module]]) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"dense block: expected a Tensor input, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(
+            f"dense block: expected a 4-D input [N, C, H, W], got a {input.dim()}-D "
+            f"tensor of shape {tuple(input.shape)}"
+        )
+    if not named:
+        raise ValueError("dense block: a dense block needs at least one layer")
+    first = named[0][1]
+    expected_channels = first.conv1.in_channels
+    if input.shape[1] != expected_channels:
+        raise ValueError(
+            f"dense block: expected an input with {expected_channels} channels "
+            f"(num_input_features), got {input.shape[1]} (input shape {tuple(input.shape)})"
+        )
+    weight = first.conv1.weight
+    if input.dtype != weight.dtype:
+        raise TypeError(
+            f"dense block: expected input of dtype {weight.dtype} (the parameters' dtype), "
+            f"got {input.dtype}"
+        )
+    if input.device != weight.device:
+        raise RuntimeError(
+            f"dense block: expected all tensors on the same device: the input is on "
+            f"{input.device}, the parameters on {weight.device}"
+        )
+    batch, _, height, width = input.shape
+    uses_batch_stats = any(_uses_batch_stats(getattr(layer, n)) for _, layer in named for n in ("norm1", "norm2"))
+    if uses_batch_stats and batch * height * width == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.shape}"
+        )
+
+
+def _dropout_probability(named: list[tuple[str, nn.Module]]) -> float:
+    rates = {name: (layer.drop_rate if layer.training else 0.0) for name, layer in named}
+    distinct = set(rates.values())
+    if len(distinct) > 1:
+        raise ValueError(
+            "efficient mode needs the same effective dropout rate (drop_rate when training, "
+            f"else 0) in every layer of a block; got {rates}"
+        )
+    (p,) = distinct
+    return float(p)
+
+
+def dense_block(
+    input: Tensor,
+    layers: Mapping[str, nn.Module] | Iterable[nn.Module],
+    recompute_bottleneck: bool = False,
+) -> Tensor:
+    """Runs ``layers`` (torchvision-style dense layers: norm1, relu1, conv1,
+    norm2, relu2, conv2, drop_rate) as one efficient dense block.
+
+    Each BatchNorm behaves as the module would (batch statistics in training
+    or without running statistics, running statistics otherwise; running
+    statistics updated once per training call). ``recompute_bottleneck``
+    trades one extra 1×1 convolution per layer in backward for not keeping
+    the bottleneck activations.
+    """
+    named = _named_layers(layers)
+    _check_input(input, named)
+    for name, layer in named:
+        _check_layer(name, layer)
+    dropout_p = _dropout_probability(named)
+    modules = [layer for _, layer in named]
+    norm1 = [layer.norm1 for layer in modules]
+    norm2 = [layer.norm2 for layer in modules]
+
+    def running(norms, stat):
+        return [None if _uses_batch_stats(n) else getattr(n, stat) for n in norms]
+
+    params = (
+        [n.weight for n in norm1], [n.bias for n in norm1],
+        running(norm1, "running_mean"), running(norm1, "running_var"), [float(n.eps) for n in norm1],
+        [layer.conv1.weight for layer in modules],
+        [n.weight for n in norm2], [n.bias for n in norm2],
+        running(norm2, "running_mean"), running(norm2, "running_var"), [float(n.eps) for n in norm2],
+        [layer.conv2.weight for layer in modules],
+    )
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or any(p.requires_grad for layer in modules for p in layer.parameters())
+    )
+    output, _, channel_mean, channel_var, bottleneck_mean, bottleneck_var, _ = ops.dense_block_forward(
+        input, *params, dropout_p, recompute_bottleneck, needs_grad
+    )
+    _update_running_stats(input, modules, channel_mean, channel_var, bottleneck_mean, bottleneck_var)
+    return output
+
+
+def _update_running_stats(input, layers, channel_mean, channel_var, bottleneck_mean, bottleneck_var) -> None:
+    norms, means, variances = [], [], []
+    for index, layer in enumerate(layers):
+        channels = layer.conv1.in_channels
+        for norm, mean, var in (
+            (layer.norm1, channel_mean[:channels], channel_var[:channels]),
+            (layer.norm2, bottleneck_mean[index], bottleneck_var[index]),
+        ):
+            if _updates_running_stats(norm):
+                norms.append(norm)
+                means.append(mean)
+                variances.append(var)
+    if not norms:
+        return
+    batch, _, height, width = input.shape
+    ops.update_running_stats(
+        [n.running_mean for n in norms],
+        [n.running_var for n in norms],
+        [n.num_batches_tracked for n in norms],
+        means,
+        variances,
+        [None if n.momentum is None else float(n.momentum) for n in norms],
+        batch * height * width,
+    )

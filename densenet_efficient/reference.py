@@ -1,0 +1,110 @@
+"""Pure-PyTorch references: the test oracle.
+
+* ``ReferenceDenseLayer`` / ``ReferenceDenseBlock``: the naive dense block
+  (torch.cat + nn.BatchNorm2d + ReLU + Conv2d) with torchvision's structure,
+  names and semantics (``memory_efficient=True`` is torchvision's
+  checkpointing). Their state_dicts are interchangeable with torchvision's
+  ``_DenseLayer`` / ``_DenseBlock`` and with ours.
+* ``channel_stats`` / ``bn_relu``: what the custom per-channel operators
+  compute, written with plain tensor operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import Tensor, nn
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def channel_stats(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance over N, H, W."""
+    x = input.to(_math_dtype(input.dtype))
+    return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+
+
+def bn_relu(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """relu(weight * (input - mean) * invstd + bias), per channel."""
+    math = _math_dtype(input.dtype)
+    as_channels = lambda v: v.to(math).view(1, -1, 1, 1)  # noqa: E731
+    y = (input.to(math) - as_channels(mean)) * as_channels(invstd) * as_channels(weight) + as_channels(bias)
+    return torch.relu(y).to(input.dtype)
+
+
+class ReferenceDenseLayer(nn.Module):
+    """torchvision's ``_DenseLayer``: BN-ReLU-Conv1x1(bn_size·k) → BN-ReLU-Conv3x3(k)."""
+
+    def __init__(
+        self,
+        num_input_features: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+
+    def bn_function(self, *inputs: Tensor) -> Tensor:
+        concatenated = torch.cat(inputs, 1)
+        return self.conv1(self.relu1(self.norm1(concatenated)))
+
+    def forward(self, input: Tensor | list[Tensor]) -> Tensor:
+        prev_features = [input] if isinstance(input, Tensor) else list(input)
+        if self.memory_efficient and any(t.requires_grad for t in prev_features):
+            bottleneck = cp.checkpoint(self.bn_function, *prev_features, use_reentrant=False)
+        else:
+            bottleneck = self.bn_function(*prev_features)
+        new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
+        if self.drop_rate > 0:
+            new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
+        return new_features
+
+
+def concatenate_dense_features(layers: Iterable[nn.Module], init_features: Tensor) -> Tensor:
+    """The naive block: every layer reads the list of all earlier features;
+    the output is their concatenation."""
+    features = [init_features]
+    for layer in layers:
+        features.append(layer(features))
+    return torch.cat(features, 1)
+
+
+class ReferenceDenseBlock(nn.ModuleDict):
+    """torchvision's ``_DenseBlock``: children ``denselayer1..L``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_input_features: int,
+        bn_size: int,
+        growth_rate: int,
+        drop_rate: float,
+        memory_efficient: bool = False,
+    ) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            layer = ReferenceDenseLayer(
+                num_input_features + i * growth_rate,
+                growth_rate=growth_rate,
+                bn_size=bn_size,
+                drop_rate=drop_rate,
+                memory_efficient=memory_efficient,
+            )
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, init_features: Tensor) -> Tensor:
+        return concatenate_dense_features(self.values(), init_features)

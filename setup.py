@@ -1,0 +1,62 @@
+"""Builds densenet_efficient._C against the torch already installed.
+
+CUDA sources (csrc/cuda/*.cu) are compiled when torch is a CUDA build and nvcc
+is found; DENSENET_EFFICIENT_CUDA=1 forces them on (failing loudly if that is
+impossible), DENSENET_EFFICIENT_CUDA=0 forces a CPU-only build.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda():
+    setting = os.environ.get("DENSENET_EFFICIENT_CUDA", "auto").lower()
+    cuda_possible = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if setting in ("1", "on", "true"):
+        if not cuda_possible:
+            raise RuntimeError(
+                "DENSENET_EFFICIENT_CUDA=1 but CUDA cannot be compiled: "
+                f"torch.version.cuda={torch.version.cuda!r}, "
+                f"CUDA_HOME={cpp_extension.CUDA_HOME!r}"
+            )
+        return True
+    if setting in ("0", "off", "false"):
+        return False
+    if setting != "auto":
+        raise RuntimeError(f"DENSENET_EFFICIENT_CUDA must be 0, 1 or auto, got {setting!r}")
+    return cuda_possible
+
+
+def _extension():
+    cxx_flags = ["-O3", "-g0", "-fopenmp"]
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    if _want_cuda() and cuda_sources:
+        return cpp_extension.CUDAExtension(
+            "densenet_efficient._C",
+            sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    return cpp_extension.CppExtension(
+        "densenet_efficient._C",
+        sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
