@@ -267,12 +267,12 @@ Normalization norm2_normalization(
       block.layers[l].norm2, stats.bottleneck_mean[l], stats.bottleneck_var[l]);
 }
 
-Tensor apply_bn_relu(
+void apply_bn_relu(
     const Norm& norm,
     const Normalization& n,
     const Tensor& input,
-    Tensor& out) {
-  return ops::bn_relu_out(input, n.mean, n.invstd, norm.weight, norm.bias, out);
+    const Tensor& out) {
+  ops::bn_relu_out(input, n.mean, n.invstd, norm.weight, norm.bias, out);
 }
 
 // The first `sizes` elements of a flat scratch buffer, as a contiguous tensor.

@@ -13,9 +13,11 @@ TORCH_LIBRARY(densenet_efficient, m) {
   m.def(
       "bn_relu(Tensor input, Tensor mean, Tensor invstd, Tensor weight, "
       "Tensor bias) -> Tensor");
+  // Writes into `out` (the block's shared scratch). Mutating custom ops return
+  // nothing: functionalization refuses custom outputs that alias inputs.
   m.def(
-      "bn_relu.out(Tensor input, Tensor mean, Tensor invstd, Tensor weight, "
-      "Tensor bias, *, Tensor(a!) out) -> Tensor(a!)");
+      "bn_relu_out(Tensor input, Tensor mean, Tensor invstd, Tensor weight, "
+      "Tensor bias, Tensor(a!) out) -> ()");
   m.def(
       "bn_relu_backward(Tensor grad_output, Tensor input, Tensor mean, "
       "Tensor invstd, Tensor weight, Tensor bias, bool batch_stats) "
@@ -78,16 +80,16 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
   return op.call(input);
 }
 
-at::Tensor& bn_relu_out(
+void bn_relu_out(
     const at::Tensor& input,
     const at::Tensor& mean,
     const at::Tensor& invstd,
     const at::Tensor& weight,
     const at::Tensor& bias,
-    at::Tensor& out) {
+    const at::Tensor& out) {
   static auto op =
-      find_op<decltype(bn_relu_out)>("densenet_efficient::bn_relu", "out");
-  return op.call(input, mean, invstd, weight, bias, out);
+      find_op<decltype(bn_relu_out)>("densenet_efficient::bn_relu_out");
+  op.call(input, mean, invstd, weight, bias, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(

@@ -13,14 +13,15 @@ namespace densenet_efficient::ops {
 // reduced over N, H, W, in the input's math type (float for half/bfloat16).
 std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input);
 
-// out = relu(weight * (input - mean) * invstd + bias), per channel.
-at::Tensor& bn_relu_out(
+// out = relu(weight * (input - mean) * invstd + bias), per channel, written
+// into `out` (any strides).
+void bn_relu_out(
     const at::Tensor& input,
     const at::Tensor& mean,
     const at::Tensor& invstd,
     const at::Tensor& weight,
     const at::Tensor& bias,
-    at::Tensor& out);
+    const at::Tensor& out);
 
 // Gradients of bn_relu. With batch_stats, mean/invstd are taken to be the
 // batch statistics of input and grad_input includes their derivative.

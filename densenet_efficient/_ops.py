@@ -67,10 +67,9 @@ def _(input, mean, invstd, weight, bias):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake(_lib + "bn_relu.out")
-def _(input, mean, invstd, weight, bias, *, out):
-    _fake_4d("bn_relu", input)
-    return out
+@torch.library.register_fake(_lib + "bn_relu_out")
+def _(input, mean, invstd, weight, bias, out):
+    _fake_4d("bn_relu_out", input)
 
 
 def _bn_relu_setup(ctx, inputs, output):

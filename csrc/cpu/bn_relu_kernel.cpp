@@ -54,7 +54,16 @@ int64_t grain_for(int64_t plane_size) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, plane_size));
 }
 
-const auto plus = [](auto a, auto b) { return a + b; };
+// The lambdas below take Vectorized<math_t> explicitly: ATen's vec::map and
+// friends then convert half/bfloat16 to float once, instead of computing (and
+// rounding) every intermediate in the 16-bit type.
+template <typename math_t>
+using Vec = at::vec::Vectorized<math_t>;
+
+template <typename math_t>
+Vec<math_t> plus(Vec<math_t> a, Vec<math_t> b) {
+  return a + b;
+}
 
 // Mean and biased variance per channel, two passes (the second over
 // deviations from the mean, so no cancellation between large sums).
@@ -85,17 +94,17 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& input_) {
                 double sum = 0;
                 for (int64_t n = 0; n < batch; ++n) {
                   sum += at::vec::reduce_all<scalar_t>(
-                      plus, x.plane(n, c), plane_size);
+                      plus<math_t>, x.plane(n, c), plane_size);
                 }
                 const math_t m = static_cast<math_t>(sum / count);
                 double squared_deviations = 0;
                 for (int64_t n = 0; n < batch; ++n) {
                   squared_deviations += at::vec::map_reduce_all<scalar_t>(
-                      [m](auto v) {
-                        const auto d = v - decltype(v)(m);
+                      [m](Vec<math_t> v) {
+                        const auto d = v - Vec<math_t>(m);
                         return d * d;
                       },
-                      plus, x.plane(n, c), plane_size);
+                      plus<math_t>, x.plane(n, c), plane_size);
                 }
                 mean_out[c] = m;
                 var_out[c] = static_cast<math_t>(squared_deviations / count);
@@ -107,26 +116,26 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& input_) {
 
 // out = max(0, x * scale + shift) with scale = weight * invstd and
 // shift = bias - mean * scale (the same affine form as ATen's batch_norm).
-at::Tensor& bn_relu_out_cpu(
+void bn_relu_out_cpu(
     const at::Tensor& input_,
     const at::Tensor& mean,
     const at::Tensor& invstd,
     const at::Tensor& weight,
     const at::Tensor& bias,
-    at::Tensor& out) {
+    const at::Tensor& out) {
   check_bn_relu_args("bn_relu", input_, mean, invstd, weight, bias);
   check_like_input("bn_relu", "out", input_, out);
   if (!has_contiguous_planes(out)) {
     auto result = at::empty_like(input_, at::MemoryFormat::Contiguous);
     bn_relu_out_cpu(input_, mean, invstd, weight, bias, result);
     out.copy_(result);
-    return out;
+    return;
   }
   const auto input = with_contiguous_planes(input_);
   const int64_t batch = input.size(0), channels = input.size(1);
   const int64_t plane_size = input.size(2) * input.size(3);
   if (input.numel() == 0) {
-    return out;
+    return;
   }
   const auto mean_v = as_math_vector(mean, input);
   const auto invstd_v = as_math_vector(invstd, input);
@@ -149,16 +158,15 @@ at::Tensor& bn_relu_out_cpu(
                 const math_t scale = w[c] * r[c];
                 const math_t shift = b[c] - m[c] * scale;
                 at::vec::map<scalar_t>(
-                    [scale, shift](auto v) {
-                      using Vec = decltype(v);
+                    [scale, shift](Vec<math_t> v) {
                       return at::vec::maximum(
-                          v * Vec(scale) + Vec(shift), Vec(0));
+                          v * Vec<math_t>(scale) + Vec<math_t>(shift),
+                          Vec<math_t>(0));
                     },
                     y.plane(n, c), x.plane(n, c), plane_size);
               }
             });
       });
-  return out;
 }
 
 at::Tensor bn_relu_cpu(
@@ -168,7 +176,8 @@ at::Tensor bn_relu_cpu(
     const at::Tensor& weight,
     const at::Tensor& bias) {
   auto out = at::empty_like(input, at::MemoryFormat::Contiguous);
-  return bn_relu_out_cpu(input, mean, invstd, weight, bias, out);
+  bn_relu_out_cpu(input, mean, invstd, weight, bias, out);
+  return out;
 }
 
 // Backward of s = relu(y), y = γ·x̂ + β, x̂ = (x − μ)·r, per channel, sums over
@@ -197,6 +206,11 @@ void bn_relu_backward_cpu_impl(
   const int64_t batch = input.size(0), channels = input.size(1);
   const int64_t plane_size = input.size(2) * input.size(3);
   const int64_t count = batch * plane_size;
+  if (count == 0) {  // empty sums; the statistics (NaN) must not leak in
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return;
+  }
   const auto mean_v = as_math_vector(mean, input);
   const auto invstd_v = as_math_vector(invstd, input);
   const auto weight_v = as_math_vector(weight, input);
@@ -221,21 +235,19 @@ void bn_relu_backward_cpu_impl(
                 const math_t shift = b[c] - m[c] * scale;
                 const math_t mu = m[c];
                 // g = dy where the ReLU passed its input (y > 0), else 0.
-                const auto gated = [scale, shift](auto g, auto v) {
-                  using Vec = decltype(v);
-                  const Vec zero(0);
-                  return Vec::blendv(zero, g, v * Vec(scale) + Vec(shift) > zero);
+                using V = Vec<math_t>;
+                const auto gated = [scale, shift](V g, V v) {
+                  const V zero(0);
+                  return V::blendv(zero, g, v * V(scale) + V(shift) > zero);
                 };
                 double sum_g = 0, sum_g_centered = 0;
                 for (int64_t n = 0; n < batch; ++n) {
                   sum_g += at::vec::map2_reduce_all<scalar_t>(
-                      gated, plus, dy.plane(n, c), x.plane(n, c), plane_size);
+                      gated, plus<math_t>, dy.plane(n, c), x.plane(n, c),
+                      plane_size);
                   sum_g_centered += at::vec::map2_reduce_all<scalar_t>(
-                      [&gated, mu](auto g, auto v) {
-                        using Vec = decltype(v);
-                        return gated(g, v) * (v - Vec(mu));
-                      },
-                      plus, dy.plane(n, c), x.plane(n, c), plane_size);
+                      [&gated, mu](V g, V v) { return gated(g, v) * (v - V(mu)); },
+                      plus<math_t>, dy.plane(n, c), x.plane(n, c), plane_size);
                 }
                 dw[c] = static_cast<math_t>(sum_g_centered * r[c]);
                 db[c] = static_cast<math_t>(sum_g);
@@ -245,18 +257,14 @@ void bn_relu_backward_cpu_impl(
                     ? static_cast<math_t>(sum_g_centered * r[c] * r[c] / count)
                     : 0;
                 const auto grad_x = [&gated, scale, mean_g, centered_coef, mu](
-                                        auto g, auto v) {
-                  using Vec = decltype(v);
-                  return Vec(scale) *
-                      (gated(g, v) - Vec(mean_g) -
-                       (v - Vec(mu)) * Vec(centered_coef));
+                                        V g, V v) {
+                  return V(scale) *
+                      (gated(g, v) - V(mean_g) - (v - V(mu)) * V(centered_coef));
                 };
                 for (int64_t n = 0; n < batch; ++n) {
                   if constexpr (accumulate) {
                     at::vec::map3<scalar_t>(
-                        [&grad_x](auto g, auto v, auto sum) {
-                          return sum + grad_x(g, v);
-                        },
+                        [&grad_x](V g, V v, V sum) { return sum + grad_x(g, v); },
                         dx.plane(n, c), dy.plane(n, c), x.plane(n, c),
                         dx.plane(n, c), plane_size);
                   } else {
@@ -333,7 +341,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate_cpu(
 TORCH_LIBRARY_IMPL(densenet_efficient, CPU, m) {
   m.impl("channel_stats", &channel_stats_cpu);
   m.impl("bn_relu", &bn_relu_cpu);
-  m.impl("bn_relu.out", &bn_relu_out_cpu);
+  m.impl("bn_relu_out", &bn_relu_out_cpu);
   m.impl("bn_relu_backward", &bn_relu_backward_cpu);
   m.impl("bn_relu_backward_accumulate", &bn_relu_backward_accumulate_cpu);
 }

@@ -1,0 +1,53 @@
+# `make test` and `make demo` set everything up themselves: a virtual
+# environment in .venv with torch 2.14.1, then an editable build of the
+# extension (CPU kernels always; CUDA kernels when nvcc is found).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export DENSENET_EFFICIENT_CUDA ?= $(if $(wildcard $(CUDA_HOME)/bin/nvcc),1,0)
+export MAX_JOBS ?= $(shell nproc)
+
+# Second environment: the CPU-only torch build, proving the install path
+# without CUDA (setup.py must then build the CPU kernels only).
+CPU_VENV ?= .venv-cpu
+CPU_TORCH ?= torch==2.13.0
+CPU_SRC := build/cpu-only-src
+
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+
+.PHONY: test demo build cpu-smoke clean
+
+$(VENV)/.installed:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "setuptools>=64,<82" wheel
+	$(PY) -m pip install -q $(TORCH_PACKAGES) pytest numpy ninja
+	touch $@
+
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q -ra --junitxml=test-results/junit.xml tests
+
+demo: build
+	$(PY) -m densenet_efficient demo
+
+# Builds a copy of the tree (so the editable build above is left alone) and
+# runs the smoke test against the installed package, from outside the tree.
+cpu-smoke:
+	test -x $(CPU_VENV)/bin/python || $(PYTHON) -m venv $(CPU_VENV)
+	$(CPU_VENV)/bin/python -m pip install -q --upgrade "setuptools>=64,<82" wheel
+	$(CPU_VENV)/bin/python -m pip install -q $(CPU_TORCH) pytest numpy ninja
+	rm -rf $(CPU_SRC) && mkdir -p $(CPU_SRC)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(CPU_SRC)
+	cd $(CPU_SRC) && env -u DENSENET_EFFICIENT_CUDA $(abspath $(CPU_VENV))/bin/python -m pip install -q --no-build-isolation --no-deps .
+	cd /tmp && $(abspath $(CPU_VENV))/bin/pytest -q -p no:cacheprovider $(abspath tests/test_smoke.py)
+
+clean:
+	rm -rf build $(CPU_SRC) densenet_efficient/*.so test-results $(VENV)/.built
