@@ -1,0 +1,106 @@
+"""Memory claims, measured: bytes autograd saves for backward (each storage
+once, parameters and buffers left out) equal the analytic model for efficient
+mode, grow linearly in depth, and are a small fraction of naive mode's."""
+
+import gc
+import os
+
+import pytest
+import torch
+
+from conftest import make_pair
+from densenet_efficient.memory import dense_block_saved_bytes, saved_tensor_bytes
+
+BATCH, SIZE, C0, K = 2, 8, 24, 12
+
+
+def measured_saved_bytes(block, x):
+    state = [*block.parameters(), *block.buffers()]
+    _, nbytes = saved_tensor_bytes(block, x, ignore=state)
+    return nbytes
+
+
+def block_and_input(num_layers, mode="efficient", dtype=torch.float32, **kwargs):
+    block, _ = make_pair(num_layers, C0, K, dtype=dtype, mode=mode, **kwargs)
+    x = torch.randn(BATCH, C0, SIZE, SIZE, dtype=dtype, requires_grad=True)
+    return block, x
+
+
+@pytest.mark.parametrize("num_layers", [4, 8, 16, 32])
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="float32"),
+        pytest.param({"recompute_bottleneck": True}, id="recompute"),
+        pytest.param({"drop_rate": 0.2}, id="dropout"),
+        pytest.param({"dtype": torch.float64}, id="float64"),
+        pytest.param({"dtype": torch.bfloat16}, id="bfloat16"),
+    ],
+)
+def test_efficient_saved_bytes_equal_the_model(num_layers, options):
+    block, x = block_and_input(num_layers, **options)
+    predicted = dense_block_saved_bytes(
+        BATCH, SIZE, SIZE, C0, num_layers, K,
+        dtype=options.get("dtype", torch.float32),
+        drop_rate=options.get("drop_rate", 0.0),
+        recompute_bottleneck=options.get("recompute_bottleneck", False),
+    )
+    assert measured_saved_bytes(block, x) == predicted
+
+
+def test_frozen_batchnorm_saves_the_same():
+    block, x = block_and_input(8)
+    block.eval()
+    assert measured_saved_bytes(block, x) == dense_block_saved_bytes(BATCH, SIZE, SIZE, C0, 8, K)
+
+
+def test_nothing_saved_without_grad():
+    block, x = block_and_input(8)
+    with torch.no_grad():
+        assert measured_saved_bytes(block, x) == 0
+
+
+def test_efficient_grows_linearly_naive_quadratically():
+    depths = [4, 8, 16, 32]
+    efficient = [measured_saved_bytes(*block_and_input(L)) for L in depths]
+    naive = [measured_saved_bytes(*block_and_input(L, mode="naive")) for L in depths]
+    # Equal steps in depth (8→16→32 doubles) give equal second differences
+    # of zero for a line, growing ones for a quadratic.
+    assert efficient[3] - efficient[2] == 2 * (efficient[2] - efficient[1]) == 4 * (efficient[1] - efficient[0])
+    assert naive[3] - naive[2] > 2.5 * (naive[2] - naive[1])
+
+
+def test_efficient_is_at_most_a_sixth_of_naive_at_depth_32():
+    efficient = measured_saved_bytes(*block_and_input(32))
+    naive = measured_saved_bytes(*block_and_input(32, mode="naive"))
+    checkpoint = measured_saved_bytes(*block_and_input(32, mode="checkpoint"))
+    recompute = measured_saved_bytes(*block_and_input(32, recompute_bottleneck=True))
+    assert efficient * 6 <= naive, (efficient, naive)
+    assert recompute < efficient < checkpoint < naive, (recompute, efficient, checkpoint, naive)
+
+
+def _rss_bytes():
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+def test_no_leak_over_fifty_training_steps():
+    block, _ = make_pair(6, 16, 8, dtype=torch.float32, drop_rate=0.1)
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.01, momentum=0.9)
+    state = [*block.parameters(), *block.buffers()]
+    x = torch.randn(4, 16, 16, 16)
+    saved, rss = [], []
+    for step in range(50):
+        optimizer.zero_grad(set_to_none=True)
+        out, nbytes = saved_tensor_bytes(block, x, ignore=state)
+        out.square().mean().backward()
+        optimizer.step()
+        del out
+        saved.append(nbytes)
+        if step in (10, 49):
+            gc.collect()
+            rss.append(_rss_bytes())
+    assert len(set(saved)) == 1, saved
+    growth = rss[1] - rss[0]
+    assert growth < 8 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB between steps 10 and 49"
