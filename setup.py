@@ -38,7 +38,7 @@ def _want_cuda():
 
 
 def _extension():
-    cxx_flags = ["-O3", "-g0", "-fopenmp"]
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     if _want_cuda() and cuda_sources:

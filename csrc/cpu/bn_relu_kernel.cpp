@@ -4,15 +4,14 @@
 // Layout: a [N, C, H, W] tensor whose H×W planes are contiguous (the block
 // buffer, channel slices of it, NCHW scratches). Each plane is one vectorised
 // run; reductions accumulate per plane in the math type (float for
-// half/bfloat16) and across planes in double.
+// half/bfloat16) and across planes in double. Threads split the channels
+// (reductions) or the planes (elementwise).
 #include "../bn_relu_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -54,15 +53,96 @@ int64_t grain_for(int64_t plane_size) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, plane_size));
 }
 
-// The lambdas below take Vectorized<math_t> explicitly: ATen's vec::map and
-// friends then convert half/bfloat16 to float once, instead of computing (and
-// rounding) every intermediate in the 16-bit type.
-template <typename math_t>
-using Vec = at::vec::Vectorized<math_t>;
+// Per-plane loops, written plainly with `omp simd` (reductions included) so
+// the compiler vectorises them for the target without reassociating anything
+// else. Arithmetic is in math_t (float for half/bfloat16).
+template <typename scalar_t, typename math_t>
+math_t plane_sum(const scalar_t* x, int64_t n) {
+  math_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    sum += static_cast<math_t>(x[i]);
+  }
+  return sum;
+}
 
+template <typename scalar_t, typename math_t>
+math_t plane_squared_deviations(const scalar_t* x, int64_t n, math_t mean) {
+  math_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const math_t d = static_cast<math_t>(x[i]) - mean;
+    sum += d * d;
+  }
+  return sum;
+}
+
+// relu(x * scale + shift); NaN stays NaN, as torch.relu.
+template <typename scalar_t, typename math_t>
+void plane_bn_relu(
+    const scalar_t* x,
+    scalar_t* out,
+    int64_t n,
+    math_t scale,
+    math_t shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const math_t y = static_cast<math_t>(x[i]) * scale + shift;
+    out[i] = static_cast<scalar_t>(y < 0 ? math_t(0) : y);
+  }
+}
+
+// The ReLU gate of backward: the gradient passes unless y <= 0 (ATen's
+// threshold_backward), with y recomputed exactly as plane_bn_relu does.
 template <typename math_t>
-Vec<math_t> plus(Vec<math_t> a, Vec<math_t> b) {
-  return a + b;
+inline math_t gated(math_t grad, math_t x, math_t scale, math_t shift) {
+  return x * scale + shift <= 0 ? math_t(0) : grad;
+}
+
+template <typename scalar_t, typename math_t>
+void plane_grad_sums(
+    const scalar_t* grad_out,
+    const scalar_t* x,
+    int64_t n,
+    math_t scale,
+    math_t shift,
+    math_t mean,
+    math_t& sum_g,
+    math_t& sum_g_centered) {
+  math_t g_total = 0, gc_total = 0;
+#pragma omp simd reduction(+ : g_total, gc_total)
+  for (int64_t i = 0; i < n; ++i) {
+    const math_t v = static_cast<math_t>(x[i]);
+    const math_t g = gated(static_cast<math_t>(grad_out[i]), v, scale, shift);
+    g_total += g;
+    gc_total += g * (v - mean);
+  }
+  sum_g = g_total;
+  sum_g_centered = gc_total;
+}
+
+// grad_in (+)= scale * (g - mean_g - (x - mean) * centered_coef)
+template <bool accumulate, typename scalar_t, typename math_t>
+void plane_grad_input(
+    const scalar_t* grad_out,
+    const scalar_t* x,
+    scalar_t* grad_in,
+    int64_t n,
+    math_t scale,
+    math_t shift,
+    math_t mean,
+    math_t mean_g,
+    math_t centered_coef) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const math_t v = static_cast<math_t>(x[i]);
+    const math_t g = gated(static_cast<math_t>(grad_out[i]), v, scale, shift);
+    math_t d = scale * (g - mean_g - (v - mean) * centered_coef);
+    if constexpr (accumulate) {
+      d += static_cast<math_t>(grad_in[i]);
+    }
+    grad_in[i] = static_cast<scalar_t>(d);
+  }
 }
 
 // Mean and biased variance per channel, two passes (the second over
@@ -93,18 +173,13 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& input_) {
               for (int64_t c = begin; c < end; ++c) {
                 double sum = 0;
                 for (int64_t n = 0; n < batch; ++n) {
-                  sum += at::vec::reduce_all<scalar_t>(
-                      plus<math_t>, x.plane(n, c), plane_size);
+                  sum += plane_sum<scalar_t, math_t>(x.plane(n, c), plane_size);
                 }
                 const math_t m = static_cast<math_t>(sum / count);
                 double squared_deviations = 0;
                 for (int64_t n = 0; n < batch; ++n) {
-                  squared_deviations += at::vec::map_reduce_all<scalar_t>(
-                      [m](Vec<math_t> v) {
-                        const auto d = v - Vec<math_t>(m);
-                        return d * d;
-                      },
-                      plus<math_t>, x.plane(n, c), plane_size);
+                  squared_deviations += plane_squared_deviations<scalar_t, math_t>(
+                      x.plane(n, c), plane_size, m);
                 }
                 mean_out[c] = m;
                 var_out[c] = static_cast<math_t>(squared_deviations / count);
@@ -157,13 +232,8 @@ void bn_relu_out_cpu(
                 const int64_t n = i / channels, c = i % channels;
                 const math_t scale = w[c] * r[c];
                 const math_t shift = b[c] - m[c] * scale;
-                at::vec::map<scalar_t>(
-                    [scale, shift](Vec<math_t> v) {
-                      return at::vec::maximum(
-                          v * Vec<math_t>(scale) + Vec<math_t>(shift),
-                          Vec<math_t>(0));
-                    },
-                    y.plane(n, c), x.plane(n, c), plane_size);
+                plane_bn_relu<scalar_t, math_t>(
+                    x.plane(n, c), y.plane(n, c), plane_size, scale, shift);
               }
             });
       });
@@ -234,20 +304,14 @@ void bn_relu_backward_cpu_impl(
                 const math_t scale = w[c] * r[c];
                 const math_t shift = b[c] - m[c] * scale;
                 const math_t mu = m[c];
-                // g = dy where the ReLU passed its input (y > 0), else 0.
-                using V = Vec<math_t>;
-                const auto gated = [scale, shift](V g, V v) {
-                  const V zero(0);
-                  return V::blendv(zero, g, v * V(scale) + V(shift) > zero);
-                };
                 double sum_g = 0, sum_g_centered = 0;
                 for (int64_t n = 0; n < batch; ++n) {
-                  sum_g += at::vec::map2_reduce_all<scalar_t>(
-                      gated, plus<math_t>, dy.plane(n, c), x.plane(n, c),
-                      plane_size);
-                  sum_g_centered += at::vec::map2_reduce_all<scalar_t>(
-                      [&gated, mu](V g, V v) { return gated(g, v) * (v - V(mu)); },
-                      plus<math_t>, dy.plane(n, c), x.plane(n, c), plane_size);
+                  math_t plane_g, plane_g_centered;
+                  plane_grad_sums<scalar_t, math_t>(
+                      dy.plane(n, c), x.plane(n, c), plane_size, scale, shift,
+                      mu, plane_g, plane_g_centered);
+                  sum_g += plane_g;
+                  sum_g_centered += plane_g_centered;
                 }
                 dw[c] = static_cast<math_t>(sum_g_centered * r[c]);
                 db[c] = static_cast<math_t>(sum_g);
@@ -256,22 +320,10 @@ void bn_relu_backward_cpu_impl(
                 const math_t centered_coef = batch_stats
                     ? static_cast<math_t>(sum_g_centered * r[c] * r[c] / count)
                     : 0;
-                const auto grad_x = [&gated, scale, mean_g, centered_coef, mu](
-                                        V g, V v) {
-                  return V(scale) *
-                      (gated(g, v) - V(mean_g) - (v - V(mu)) * V(centered_coef));
-                };
                 for (int64_t n = 0; n < batch; ++n) {
-                  if constexpr (accumulate) {
-                    at::vec::map3<scalar_t>(
-                        [&grad_x](V g, V v, V sum) { return sum + grad_x(g, v); },
-                        dx.plane(n, c), dy.plane(n, c), x.plane(n, c),
-                        dx.plane(n, c), plane_size);
-                  } else {
-                    at::vec::map2<scalar_t>(
-                        grad_x, dx.plane(n, c), dy.plane(n, c), x.plane(n, c),
-                        plane_size);
-                  }
+                  plane_grad_input<accumulate, scalar_t, math_t>(
+                      dy.plane(n, c), x.plane(n, c), dx.plane(n, c),
+                      plane_size, scale, shift, mu, mean_g, centered_coef);
                 }
               }
             });
