@@ -18,7 +18,12 @@ CPU_SRC := build/cpu-only-src
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
 
-.PHONY: test demo build cpu-smoke clean
+# torch 2.11 (the GPU machine's) builds extensions as C++17; the torch here
+# needs C++20. This compiles every C++ source as C++17 against 2.11's headers.
+CXX17_TORCH ?= torch==2.11.0
+CXX17_DIR := build/cxx17
+
+.PHONY: test demo build cpu-smoke check-cxx17 clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +53,18 @@ cpu-smoke:
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(CPU_SRC)
 	cd $(CPU_SRC) && env -u DENSENET_EFFICIENT_CUDA $(abspath $(CPU_VENV))/bin/python -m pip install -q --no-build-isolation --no-deps .
 	cd /tmp && $(abspath $(CPU_VENV))/bin/pytest -q -p no:cacheprovider $(abspath tests/test_smoke.py)
+
+check-cxx17: $(VENV)/.installed
+	test -d $(CXX17_DIR)/torch/include || { \
+	  mkdir -p $(CXX17_DIR) && \
+	  $(PY) -m pip download -q --no-deps -d $(CXX17_DIR) $(CXX17_TORCH) && \
+	  unzip -q -o $(CXX17_DIR)/torch-*.whl 'torch/include/*' -d $(CXX17_DIR); }
+	for f in csrc/*.cpp csrc/cpu/*.cpp; do \
+	  $(CXX) -std=c++17 -fsyntax-only -fopenmp -I$(CXX17_DIR)/torch/include \
+	    -I$(CXX17_DIR)/torch/include/torch/csrc/api/include \
+	    -I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") $$f || exit 1; \
+	done
+	@echo "C++17 against $(CXX17_TORCH) headers: ok"
 
 clean:
 	rm -rf build $(CPU_SRC) densenet_efficient/*.so test-results $(VENV)/.built
