@@ -42,9 +42,26 @@ Planes<scalar_t> write_planes(const at::Tensor& t) {
   return {t.mutable_data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
 }
 
-at::Tensor as_math_vector(const at::Tensor& v, const at::Tensor& input) {
-  return v.to(at::toOpMathType(input.scalar_type())).contiguous();
-}
+// The four per-channel vectors in the input's math type, contiguous.
+struct ChannelVectors {
+  at::Tensor mean, invstd, weight, bias;
+
+  ChannelVectors(
+      const at::Tensor& input,
+      const at::Tensor& mean_,
+      const at::Tensor& invstd_,
+      const at::Tensor& weight_,
+      const at::Tensor& bias_) {
+    const auto math = at::toOpMathType(input.scalar_type());
+    const auto convert = [math](const at::Tensor& v) {
+      return v.to(math).contiguous();
+    };
+    mean = convert(mean_);
+    invstd = convert(invstd_);
+    weight = convert(weight_);
+    bias = convert(bias_);
+  }
+};
 
 // Grain sizes in planes/channels; below them threading costs more than it
 // saves.
@@ -212,19 +229,16 @@ void bn_relu_out_cpu(
   if (input.numel() == 0) {
     return;
   }
-  const auto mean_v = as_math_vector(mean, input);
-  const auto invstd_v = as_math_vector(invstd, input);
-  const auto weight_v = as_math_vector(weight, input);
-  const auto bias_v = as_math_vector(bias, input);
+  const ChannelVectors vectors(input, mean, invstd, weight, bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_cpu", [&] {
         using math_t = at::opmath_type<scalar_t>;
         const auto x = read_planes<scalar_t>(input);
         const auto y = write_planes<scalar_t>(out);
-        const auto* m = mean_v.const_data_ptr<math_t>();
-        const auto* r = invstd_v.const_data_ptr<math_t>();
-        const auto* w = weight_v.const_data_ptr<math_t>();
-        const auto* b = bias_v.const_data_ptr<math_t>();
+        const auto* m = vectors.mean.const_data_ptr<math_t>();
+        const auto* r = vectors.invstd.const_data_ptr<math_t>();
+        const auto* w = vectors.weight.const_data_ptr<math_t>();
+        const auto* b = vectors.bias.const_data_ptr<math_t>();
         at::parallel_for(
             0, batch * channels, grain_for(plane_size),
             [&](int64_t begin, int64_t end) {
@@ -281,10 +295,7 @@ void bn_relu_backward_cpu_impl(
     grad_bias.zero_();
     return;
   }
-  const auto mean_v = as_math_vector(mean, input);
-  const auto invstd_v = as_math_vector(invstd, input);
-  const auto weight_v = as_math_vector(weight, input);
-  const auto bias_v = as_math_vector(bias, input);
+  const ChannelVectors vectors(input, mean, invstd, weight, bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cpu",
       [&] {
@@ -292,10 +303,10 @@ void bn_relu_backward_cpu_impl(
         const auto x = read_planes<scalar_t>(input);
         const auto dy = read_planes<scalar_t>(grad_output);
         const auto dx = write_planes<scalar_t>(grad_input);
-        const auto* m = mean_v.const_data_ptr<math_t>();
-        const auto* r = invstd_v.const_data_ptr<math_t>();
-        const auto* w = weight_v.const_data_ptr<math_t>();
-        const auto* b = bias_v.const_data_ptr<math_t>();
+        const auto* m = vectors.mean.const_data_ptr<math_t>();
+        const auto* r = vectors.invstd.const_data_ptr<math_t>();
+        const auto* w = vectors.weight.const_data_ptr<math_t>();
+        const auto* b = vectors.bias.const_data_ptr<math_t>();
         auto* dw = grad_weight.mutable_data_ptr<math_t>();
         auto* db = grad_bias.mutable_data_ptr<math_t>();
         at::parallel_for(
