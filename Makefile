@@ -23,7 +23,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 CXX17_TORCH ?= torch==2.11.0
 CXX17_DIR := build/cxx17
 
-.PHONY: test demo build cpu-smoke check-cxx17 clean
+.PHONY: test demo build cpu-smoke check-cxx17 check-cuda-arch clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -59,12 +59,20 @@ check-cxx17: $(VENV)/.installed
 	  mkdir -p $(CXX17_DIR) && \
 	  $(PY) -m pip download -q --no-deps -d $(CXX17_DIR) $(CXX17_TORCH) && \
 	  unzip -q -o $(CXX17_DIR)/torch-*.whl 'torch/include/*' -d $(CXX17_DIR); }
-	for f in csrc/*.cpp csrc/cpu/*.cpp; do \
-	  $(CXX) -std=c++17 -fsyntax-only -fopenmp -I$(CXX17_DIR)/torch/include \
-	    -I$(CXX17_DIR)/torch/include/torch/csrc/api/include \
-	    -I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") $$f || exit 1; \
-	done
+	set -e; includes="-I$(CXX17_DIR)/torch/include -I$(CXX17_DIR)/torch/include/torch/csrc/api/include \
+	  -I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")"; \
+	for f in csrc/*.cpp csrc/cpu/*.cpp; do $(CXX) -std=c++17 -fsyntax-only -fopenmp $$includes $$f; done; \
+	if [ -x $(CUDA_HOME)/bin/nvcc ]; then for f in $(wildcard csrc/cuda/*.cu); do \
+	  $(CUDA_HOME)/bin/nvcc -std=c++17 -arch=sm_90 -c $$f -o $(CXX17_DIR)/cuda-check.o $$includes; done; fi
 	@echo "C++17 against $(CXX17_TORCH) headers: ok"
+
+# The built extension must carry machine code for every architecture asked for.
+check-cuda-arch: build
+	set -e; so=$$(ls densenet_efficient/_C*.so); \
+	cuobjdump=$$($(PY) -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))"); \
+	elfs=$$($$cuobjdump -lelf $$so); echo "$$elfs"; \
+	for arch in $$(echo "$(TORCH_CUDA_ARCH_LIST)" | tr ';' ' ' | tr -d .); do \
+	  echo "$$elfs" | grep -q "sm_$$arch" || { echo "sm_$$arch missing from $$so"; exit 1; }; done
 
 clean:
 	rm -rf build $(CPU_SRC) densenet_efficient/*.so test-results $(VENV)/.built

@@ -6,7 +6,7 @@
 // run; reductions accumulate per plane in the math type (float for
 // half/bfloat16) and across planes in double. Threads split the channels
 // (reductions) or the planes (elementwise).
-#include "../bn_relu_checks.h"
+#include "../bn_relu_common.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -41,27 +41,6 @@ Planes<scalar_t> write_planes(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(has_contiguous_planes(t));
   return {t.mutable_data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
 }
-
-// The four per-channel vectors in the input's math type, contiguous.
-struct ChannelVectors {
-  at::Tensor mean, invstd, weight, bias;
-
-  ChannelVectors(
-      const at::Tensor& input,
-      const at::Tensor& mean_,
-      const at::Tensor& invstd_,
-      const at::Tensor& weight_,
-      const at::Tensor& bias_) {
-    const auto math = at::toOpMathType(input.scalar_type());
-    const auto convert = [math](const at::Tensor& v) {
-      return v.to(math).contiguous();
-    };
-    mean = convert(mean_);
-    invstd = convert(invstd_);
-    weight = convert(weight_);
-    bias = convert(bias_);
-  }
-};
 
 // Grain sizes in planes/channels; below them threading costs more than it
 // saves.

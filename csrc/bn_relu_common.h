@@ -1,5 +1,6 @@
-// Argument checks shared by the CPU and CUDA kernels of the BN-ReLU operators,
-// so every device rejects bad input with the same message.
+// What the CPU and CUDA kernels of the per-channel operators share: argument
+// checks (so every device rejects bad input with the same message), the plane
+// layout test, and the per-channel vectors in math precision.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,5 +33,19 @@ void check_like_input(
     const char* name,
     const at::Tensor& input,
     const at::Tensor& other);
+
+// mean, invstd, weight and bias converted to the input's math type (float for
+// half/bfloat16, else the input's dtype) and made contiguous; a no-op for
+// vectors that already are.
+struct ChannelVectors {
+  at::Tensor mean, invstd, weight, bias;
+
+  ChannelVectors(
+      const at::Tensor& input,
+      const at::Tensor& mean,
+      const at::Tensor& invstd,
+      const at::Tensor& weight,
+      const at::Tensor& bias);
+};
 
 } // namespace densenet_efficient

@@ -1,5 +1,6 @@
-#include "bn_relu_checks.h"
+#include "bn_relu_common.h"
 
+#include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
 namespace densenet_efficient {
@@ -77,6 +78,22 @@ void check_like_input(
       other.device() == input.device(), op, ": expected ", name,
       " on the input's device ", input.device(), ", got it on ",
       other.device());
+}
+
+ChannelVectors::ChannelVectors(
+    const at::Tensor& input,
+    const at::Tensor& mean_,
+    const at::Tensor& invstd_,
+    const at::Tensor& weight_,
+    const at::Tensor& bias_) {
+  const auto math = at::toOpMathType(input.scalar_type());
+  const auto convert = [math](const at::Tensor& v) {
+    return v.to(math).contiguous();
+  };
+  mean = convert(mean_);
+  invstd = convert(invstd_);
+  weight = convert(weight_);
+  bias = convert(bias_);
 }
 
 } // namespace densenet_efficient
