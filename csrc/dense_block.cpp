@@ -99,20 +99,31 @@ struct BlockArgs {
   at::TensorList conv2_weight;
 };
 
+// Conv weights must have the input's dtype. BatchNorm parameters may also be
+// in the input's math type (float32 next to half/bfloat16 input: mixed
+// precision, as nn.BatchNorm2d allows under autocast).
+enum class ParameterDtype { kInput, kInputOrMath };
+
 void check_parameter(
     const char* op,
     int64_t layer,
     const char* name,
     const Tensor& t,
     at::IntArrayRef expected_shape,
-    const Tensor& input) {
+    const Tensor& input,
+    ParameterDtype allowed = ParameterDtype::kInput) {
   TORCH_CHECK_VALUE(
       t.sizes() == expected_shape, op, ": layer ", layer + 1, " ", name,
       " should have shape ", expected_shape, ", got ", t.sizes());
+  const auto math = at::toOpMathType(input.scalar_type());
+  const bool dtype_ok = t.scalar_type() == input.scalar_type() ||
+      (allowed == ParameterDtype::kInputOrMath && t.scalar_type() == math);
   TORCH_CHECK_TYPE(
-      t.scalar_type() == input.scalar_type(), op, ": layer ", layer + 1, " ",
-      name, " has dtype ", t.scalar_type(), " but the input has dtype ",
-      input.scalar_type(), "; parameters and input must share a dtype");
+      dtype_ok, op, ": layer ", layer + 1, " ", name, " has dtype ",
+      t.scalar_type(), " but the input has dtype ", input.scalar_type(),
+      allowed == ParameterDtype::kInput
+          ? "; they must share a dtype"
+          : "; expected the input's dtype or its math dtype");
   TORCH_CHECK(
       t.device() == input.device(), op, ": layer ", layer + 1, " ", name,
       " is on ", t.device(), " but the input is on ", input.device(),
@@ -131,8 +142,12 @@ Norm make_norm(
     int64_t channels,
     const Tensor& input) {
   const std::string prefix = std::string(name) + ".";
-  check_parameter(op, layer, (prefix + "weight").c_str(), weight, {channels}, input);
-  check_parameter(op, layer, (prefix + "bias").c_str(), bias, {channels}, input);
+  check_parameter(
+      op, layer, (prefix + "weight").c_str(), weight, {channels}, input,
+      ParameterDtype::kInputOrMath);
+  check_parameter(
+      op, layer, (prefix + "bias").c_str(), bias, {channels}, input,
+      ParameterDtype::kInputOrMath);
   TORCH_CHECK_VALUE(
       running_mean.has_value() == running_var.has_value(), op, ": layer ",
       layer + 1, " ", name,

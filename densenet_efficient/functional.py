@@ -67,6 +67,19 @@ def _check_layer(name: str, layer: nn.Module) -> None:
     _check_conv(f"{name}.conv2", getattr(layer, "conv2", None), kernel=3)
 
 
+def autocast_dtype(input: Tensor) -> torch.dtype | None:
+    """The dtype autocast would run this block's convolutions in, or None.
+    Like autocast, it leaves float64 alone."""
+    device_type = input.device.type
+    if (
+        input.dtype == torch.float64
+        or not torch.amp.is_autocast_available(device_type)
+        or not torch.is_autocast_enabled(device_type)
+    ):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def check_block_input(input: Tensor, layers: Mapping[str, nn.Module] | Iterable[nn.Module]) -> None:
     """Rejects a block input that cannot be right, before any state changes."""
     _check_input(input, _named_layers(layers))
@@ -90,7 +103,7 @@ def _check_input(input: Tensor, named: list[tuple[str, nn.Module]]) -> None:
             f"(num_input_features), got {input.shape[1]} (input shape {tuple(input.shape)})"
         )
     weight = first.conv1.weight
-    if input.dtype != weight.dtype:
+    if input.dtype != weight.dtype and autocast_dtype(input) is None:
         raise TypeError(
             f"dense block: expected input of dtype {weight.dtype} (the parameters' dtype), "
             f"got {input.dtype}"
@@ -133,6 +146,13 @@ def dense_block(
     statistics updated once per training call). ``recompute_bottleneck``
     trades one extra 1×1 convolution per layer in backward for not keeping
     the bottleneck activations.
+
+    Under ``torch.autocast`` the block runs in the autocast dtype: the input
+    (if float32) and the convolution weights are cast to it, and the output
+    has it; BatchNorm keeps float32 parameters, statistics and arithmetic, as
+    ``nn.BatchNorm2d`` does under autocast. (Naive mode's ``torch.cat`` would
+    promote a float32 block input back to float32; inside a network under
+    autocast the input already arrives in the autocast dtype.)
     """
     named = _named_layers(layers)
     _check_input(input, named)
@@ -146,20 +166,31 @@ def dense_block(
     def running(norms, stat):
         return [None if _uses_batch_stats(n) else getattr(n, stat) for n in norms]
 
-    params = (
-        [n.weight for n in norm1], [n.bias for n in norm1],
-        running(norm1, "running_mean"), running(norm1, "running_var"), [float(n.eps) for n in norm1],
-        [layer.conv1.weight for layer in modules],
-        [n.weight for n in norm2], [n.bias for n in norm2],
-        running(norm2, "running_mean"), running(norm2, "running_var"), [float(n.eps) for n in norm2],
-        [layer.conv2.weight for layer in modules],
-    )
     needs_grad = torch.is_grad_enabled() and (
         input.requires_grad or any(p.requires_grad for layer in modules for p in layer.parameters())
     )
-    output, _, channel_mean, channel_var, bottleneck_mean, bottleneck_var, _ = ops.dense_block_forward(
-        input, *params, dropout_p, recompute_bottleneck, needs_grad
+    compute_dtype = autocast_dtype(input)
+
+    def conv_weights(convs):
+        weights = [conv.weight for conv in convs]
+        return weights if compute_dtype is None else [w.to(compute_dtype) for w in weights]
+
+    if compute_dtype is not None:
+        input = input.to(compute_dtype)
+    params = (
+        [n.weight for n in norm1], [n.bias for n in norm1],
+        running(norm1, "running_mean"), running(norm1, "running_var"), [float(n.eps) for n in norm1],
+        conv_weights(layer.conv1 for layer in modules),
+        [n.weight for n in norm2], [n.bias for n in norm2],
+        running(norm2, "running_mean"), running(norm2, "running_var"), [float(n.eps) for n in norm2],
+        conv_weights(layer.conv2 for layer in modules),
     )
+    # Everything is already in its dtype; autocast must not touch the
+    # convolutions inside the operator.
+    with torch.autocast(input.device.type, enabled=False):
+        output, _, channel_mean, channel_var, bottleneck_mean, bottleneck_var, _ = ops.dense_block_forward(
+            input, *params, dropout_p, recompute_bottleneck, needs_grad
+        )
     _update_running_stats(input, modules, channel_mean, channel_var, bottleneck_mean, bottleneck_var)
     return output
 
