@@ -1,7 +1,7 @@
 """densenet_efficient: DenseNet blocks whose training memory grows linearly
 with depth, as drop-in replacements for torchvision's dense blocks."""
 
-from . import _ops, functional, memory, reference
+from . import _ops, functional, memory, reference  # noqa: F401  (_ops registers fake kernels and autograd)
 from .modules import MODES, DenseBlock, DenseLayer
 
 __all__ = ["MODES", "DenseBlock", "DenseLayer", "functional", "memory", "reference"]

@@ -1,0 +1,214 @@
+"""CUDA: each kernel against the CPU kernel and the reference, the block
+against the reference on the GPU, gradcheck, peak memory against the analytic
+model, determinism, and the 64-bit index path. Skipped without a GPU."""
+
+import pytest
+import torch
+
+from conftest import assert_results_close, make_pair, rel_error, step_results
+from densenet_efficient import reference
+from densenet_efficient._ops import ops
+from densenet_efficient.memory import dense_block_peak_bytes
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Plane sizes: a multiple of every vector width (16-byte loads), an odd one
+# (one element at a time), and 7x7 (ImageNet's last block).
+PLANES = [(8, 8), (5, 3), (7, 7)]
+
+
+def _tolerance(dtype):
+    return {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def _slice_of_buffer(batch, channels, plane, dtype, seed=0):
+    """Channels 3..3+channels of a wider buffer: the strided layout the block uses."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(batch, channels + 5, *plane, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    return wide.to(dtype)[:, 3 : 3 + channels]
+
+
+def _vectors(channels, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g) * 0.3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("plane", PLANES)
+def test_kernels_match_cpu_kernels_and_reference(dtype, plane):
+    x_cpu = _slice_of_buffer(6, 7, plane, dtype)
+    x = x_cpu.cuda()
+    math = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = (v.to(math) for v in _vectors(7))
+    tol = _tolerance(dtype)
+
+    mean, var = ops.channel_stats(x)
+    cpu_mean, cpu_var = ops.channel_stats(x_cpu)
+    ref_mean, ref_var = reference.channel_stats(x_cpu.double())
+    stats_tol = 1e-12 if dtype == torch.float64 else 1e-5  # float accumulation of exact inputs
+    for ours, cpu, ref in ((mean, cpu_mean, ref_mean), (var, cpu_var, ref_var)):
+        assert rel_error(ours.cpu(), ref) <= stats_tol
+        assert rel_error(ours.cpu(), cpu) <= stats_tol
+
+    invstd = torch.rsqrt(var + 1e-5)
+    args_cpu = (cpu_mean, torch.rsqrt(cpu_var + 1e-5), weight, bias)
+    args = tuple(a.cuda() for a in args_cpu)
+    out = ops.bn_relu(x, *args)
+    assert rel_error(out.cpu(), ops.bn_relu(x_cpu, *args_cpu)) <= tol
+    assert rel_error(out.cpu(), reference.bn_relu(x_cpu, *args_cpu)) <= tol
+
+    scratch = torch.full((6, 12, *plane), float("nan"), dtype=dtype, device="cuda")
+    ops.bn_relu_out(x, *args, scratch[:, 2:9])
+    assert torch.equal(scratch[:, 2:9], out) and scratch[:, :2].isnan().all() and scratch[:, 9:].isnan().all()
+
+    grad = _slice_of_buffer(6, 7, plane, dtype, seed=2)
+    for batch_stats in (True, False):
+        ours = ops.bn_relu_backward(grad.cuda(), x, mean, invstd, weight.cuda(), bias.cuda(), batch_stats)
+        cpu = ops.bn_relu_backward(grad, x_cpu, *args_cpu, batch_stats)
+        for name, a, b in zip(("input", "weight", "bias"), ours, cpu):
+            assert rel_error(a.cpu(), b) <= tol, (name, batch_stats)
+        target = torch.randn(6, 10, *plane, dtype=dtype, device="cuda")
+        before = target.clone()
+        ops.bn_relu_backward_accumulate(
+            grad.cuda(), x, mean, invstd, weight.cuda(), bias.cuda(), batch_stats, target[:, 1:8]
+        )
+        assert rel_error(target[:, 1:8], before[:, 1:8] + ours[0]) <= tol
+        assert torch.equal(target[:, :1], before[:, :1]) and torch.equal(target[:, 8:], before[:, 8:])
+
+
+def test_empty_and_single_plane_inputs():
+    empty = torch.empty(0, 4, 3, 3, device="cuda")
+    mean, var = ops.channel_stats(empty)
+    assert mean.isnan().all() and var.isnan().all()
+    weight, bias = (v.cuda() for v in _vectors(4))
+    grads = ops.bn_relu_backward(empty, empty, weight, weight, weight, bias, True)
+    assert grads[0].shape == empty.shape and (grads[1] == 0).all() and (grads[2] == 0).all()
+    one = torch.randn(1, 4, 1, 1, device="cuda")
+    assert torch.equal(ops.channel_stats(one)[1], torch.zeros(4, device="cuda"))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-bottleneck", "recompute"])
+def test_block_matches_reference_float64(training, drop_rate, recompute):
+    ours, reference_block = (m.cuda().train(training) for m in make_pair(4, 6, 3, drop_rate=drop_rate, recompute_bottleneck=recompute))
+    x = torch.randn(4, 6, 7, 7, dtype=torch.float64, device="cuda")
+    grad = torch.randn(4, 18, 7, 7, dtype=torch.float64, device="cuda")
+    assert_results_close(step_results(ours, x, grad), step_results(reference_block, x, grad), 1e-10)
+
+
+def test_block_float32_within_twice_naive_error():
+    ours, naive = (m.float().cuda() for m in make_pair(6, 16, 8))
+    exact = make_pair(6, 16, 8)[1].cuda()
+    x = torch.randn(8, 16, 16, 16, dtype=torch.float64, device="cuda")
+    grad = torch.randn(8, 64, 16, 16, dtype=torch.float64, device="cuda")
+    torch.backends.cudnn.allow_tf32 = False  # judge our arithmetic, not TF32 convolutions
+    try:
+        e = step_results(exact, x, grad)
+        mine, theirs = step_results(ours, x.float(), grad.float()), step_results(naive, x.float(), grad.float())
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    for name in e:
+        if name.endswith("num_batches_tracked"):
+            continue
+        assert rel_error(mine[name], e[name]) <= 2 * rel_error(theirs[name], e[name]) + 1e-6, name
+
+
+def test_gradcheck_on_cuda():
+    from torch.func import functional_call
+
+    block, _ = make_pair(2, 3, 2, bn_size=2)
+    block.cuda()
+    names = [n for n, _ in block.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in block.parameters())
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: functional_call(block, dict(zip(names, p)), (x,)), (x, *params))
+
+
+def _peak_step_bytes(num_layers, recompute=False, drop_rate=0.0, batch=16, size=32, c0=24, k=12):
+    block = make_pair(num_layers, c0, k, dtype=torch.float32, drop_rate=drop_rate, recompute_bottleneck=recompute)[0].cuda()
+    x = torch.randn(batch, c0, size, size, device="cuda")
+    grad = torch.randn(batch, c0 + num_layers * k, size, size, device="cuda")
+    block(x).backward(grad)  # warm-up: cuDNN algorithm choice, allocator
+    for p in block.parameters():
+        p.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    block(x).backward(grad)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    model = dense_block_peak_bytes(batch, size, size, c0, num_layers, k, dtype=torch.float32,
+                                   drop_rate=drop_rate, recompute_bottleneck=recompute)
+    return measured, model
+
+
+@pytest.mark.parametrize("options", [{}, {"recompute": True}, {"drop_rate": 0.2}], ids=["plain", "recompute", "dropout"])
+def test_peak_memory_follows_the_model_and_is_linear(options):
+    slack = 32 * 2**20  # convolution workspaces, allocator rounding
+    peaks = {}
+    for num_layers in (8, 16, 32):
+        measured, model = _peak_step_bytes(num_layers, **options)
+        assert abs(measured - model) <= 0.1 * model + slack, (num_layers, measured, model)
+        peaks[num_layers] = measured
+    # Depth 8→16→32: a line grows twice as much in the second step, a quadratic four times.
+    step_16, step_32 = peaks[16] - peaks[8], peaks[32] - peaks[16]
+    assert abs(step_32 - 2 * step_16) <= 0.1 * step_32 + slack, peaks
+
+
+def test_repeated_runs_are_identical():
+    """Our kernels reduce in a fixed order (no atomics); cuDNN is asked for
+    deterministic algorithms; dropout masks come from the seeded generator."""
+    torch.backends.cudnn.deterministic, benchmark = True, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        runs = []
+        for _ in range(2):
+            block = make_pair(4, 8, 4, dtype=torch.float32, drop_rate=0.2)[0].cuda()
+            x = torch.randn(8, 8, 12, 12, generator=torch.Generator().manual_seed(1)).cuda()
+            grad = torch.randn(8, 24, 12, 12, generator=torch.Generator().manual_seed(2)).cuda()
+            runs.append(step_results(block, x, grad, seed=3))
+        for name in runs[0]:
+            assert torch.equal(runs[0][name], runs[1][name]), name
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, benchmark
+
+
+def test_opcheck_on_cuda():
+    x = _slice_of_buffer(2, 3, (4, 4), torch.float32).cuda().contiguous().requires_grad_()
+    weight, bias = (v.cuda().requires_grad_() for v in _vectors(3))
+    mean, var = ops.channel_stats(x.detach())
+    invstd = torch.rsqrt(var + 1e-5)
+    torch.library.opcheck(ops.channel_stats.default, (x,))
+    torch.library.opcheck(ops.bn_relu.default, (x, mean.requires_grad_(), invstd.requires_grad_(), weight, bias))
+    grad = torch.randn_like(x.detach())
+    plain = (grad, x.detach(), mean.detach(), invstd.detach(), weight.detach(), bias.detach())
+    torch.library.opcheck(ops.bn_relu_backward.default, (*plain, True))
+    torch.library.opcheck(ops.bn_relu_backward_accumulate.default, (*plain, True, torch.zeros_like(grad)))
+    torch.library.opcheck(ops.bn_relu_out.default, (*plain[1:], torch.empty_like(grad)))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 32 * 2**30,
+    reason="needs a GPU with 32 GiB",
+)
+def test_index_math_beyond_32_bits():
+    """2^31 + a few elements, on the one-element-at-a-time path (odd plane):
+    the kernels must switch to 64-bit index arithmetic."""
+    channels, plane = 3, (1, 5)
+    batch = (2**31 // (channels * 5)) + 1
+    x = torch.empty(batch, channels, *plane, device="cuda", dtype=torch.float32)
+    x.normal_()
+    x[-1] += 100.0  # a last sample whose loss would show in every statistic
+    assert x.numel() > 2**31
+    mean, var = ops.channel_stats(x)
+    expected_var, expected_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    assert rel_error(mean, expected_mean) <= 1e-4 and rel_error(var, expected_var) <= 1e-4
+    weight, bias = torch.ones(channels, device="cuda"), torch.zeros(channels, device="cuda")
+    out = ops.bn_relu(x, mean, torch.rsqrt(var + 1e-5), weight, bias)
+    tail = reference.bn_relu(x[-2:], mean, torch.rsqrt(var + 1e-5), weight, bias)
+    assert rel_error(out[-2:], tail) <= 1e-6
