@@ -1,0 +1,202 @@
+"""DenseNets with torchvision's module names, built on our DenseBlock.
+
+``DenseNet`` has torchvision's structure and ``state_dict`` keys
+(``features.conv0``, ``norm0``, ``relu0``, ``pool0``,
+``denseblockN.denselayerM.*``, ``transitionN.{norm,relu,conv,pool}``,
+``norm5``, ``classifier``), so a torchvision DenseNet's ``state_dict`` loads
+unchanged — torchvision's legacy ``norm.1``-style keys too. ``small_inputs``
+gives the CIFAR networks of the paper: a 3×3 stem and no stem pooling.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .modules import DenseBlock
+
+__all__ = [
+    "DenseNet",
+    "Transition",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "densenet_bc",
+    "densenet_bc_100_12",
+    "densenet_bc_190_40",
+    "densenet_bc_250_24",
+]
+
+# torchvision's _load_state_dict: '.'s are no longer allowed in module names,
+# but early checkpoints have keys 'norm.1', 'relu.1', 'conv.1', 'norm.2', ...
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1 (compression) + 2×2 average pooling."""
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        match = _LEGACY_KEY.match(key)
+        if match:
+            state_dict[match.group(1) + match.group(2)] = state_dict.pop(key)
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC (Huang et al. 2017) with a switchable dense-block
+    implementation (``mode``: "naive", "checkpoint" or "efficient").
+
+    ``compression`` is the transitions' channel factor θ; ``small_inputs``
+    selects the CIFAR stem (3×3 conv, no stem norm/pooling); the features end
+    in a global average pooling (8×8 for 32×32 CIFAR inputs, 7×7 for 224×224).
+    """
+
+    def __init__(
+        self,
+        growth_rate: int,
+        block_config: tuple[int, ...],
+        num_init_features: int,
+        bn_size: int = 4,
+        drop_rate: float = 0.0,
+        num_classes: int = 1000,
+        compression: float = 0.5,
+        small_inputs: bool = False,
+        mode: str = "efficient",
+        recompute_bottleneck: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 < compression <= 1:
+            raise ValueError(f"compression must be in (0, 1], got {compression}")
+        if small_inputs:
+            stem = [("conv0", nn.Conv2d(3, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
+        else:
+            stem = [
+                ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        self.features = nn.Sequential(OrderedDict(stem))
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = DenseBlock(
+                num_layers, num_features, growth_rate, bn_size, drop_rate,
+                mode=mode, recompute_bottleneck=recompute_bottleneck,
+            )
+            self.features.add_module(f"denseblock{i + 1}", block)
+            num_features += num_layers * growth_rate
+            if i != len(block_config) - 1:
+                compressed = int(math.floor(num_features * compression))
+                self.features.add_module(f"transition{i + 1}", Transition(num_features, compressed))
+                num_features = compressed
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+        self.register_load_state_dict_pre_hook(_rename_legacy_keys)
+
+    def dense_blocks(self) -> list[DenseBlock]:
+        return [m for m in self.features if isinstance(m, DenseBlock)]
+
+    @property
+    def mode(self) -> str:
+        modes = {block.mode for block in self.dense_blocks()}
+        return modes.pop() if len(modes) == 1 else "mixed"
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        for block in self.dense_blocks():
+            block.mode = mode
+
+    @property
+    def recompute_bottleneck(self) -> bool:
+        return all(block.recompute_bottleneck for block in self.dense_blocks())
+
+    @recompute_bottleneck.setter
+    def recompute_bottleneck(self, value: bool) -> None:
+        for block in self.dense_blocks():
+            block.recompute_bottleneck = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.features(x)
+        out = F.relu(features, inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        out = torch.flatten(out, 1)
+        return self.classifier(out)
+
+
+def _imagenet(growth_rate, block_config, num_init_features, **kwargs) -> DenseNet:
+    return DenseNet(growth_rate, block_config, num_init_features, **kwargs)
+
+
+def densenet121(**kwargs) -> DenseNet:
+    """torchvision's densenet121: k=32, blocks (6, 12, 24, 16); 7,978,856 parameters."""
+    return _imagenet(32, (6, 12, 24, 16), 64, **kwargs)
+
+
+def densenet161(**kwargs) -> DenseNet:
+    """torchvision's densenet161: k=48, blocks (6, 12, 36, 24); 28,681,000 parameters."""
+    return _imagenet(48, (6, 12, 36, 24), 96, **kwargs)
+
+
+def densenet169(**kwargs) -> DenseNet:
+    """torchvision's densenet169: k=32, blocks (6, 12, 32, 32); 14,149,480 parameters."""
+    return _imagenet(32, (6, 12, 32, 32), 64, **kwargs)
+
+
+def densenet201(**kwargs) -> DenseNet:
+    """torchvision's densenet201: k=32, blocks (6, 12, 48, 32); 20,013,928 parameters."""
+    return _imagenet(32, (6, 12, 48, 32), 64, **kwargs)
+
+
+def densenet264(**kwargs) -> DenseNet:
+    """DenseNet-264 of the paper: k=32, blocks (6, 12, 64, 48)."""
+    return _imagenet(32, (6, 12, 64, 48), 64, **kwargs)
+
+
+def densenet_bc(depth: int, growth_rate: int, num_classes: int = 10, **kwargs) -> DenseNet:
+    """CIFAR DenseNet-BC of depth L = 6n + 4: three dense blocks of n
+    bottleneck layers, a 3×3 stem with 2k channels, compression 0.5."""
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"DenseNet-BC depth must be 6n + 4 with n >= 1 (e.g. 100, 190, 250), got {depth}")
+    n = (depth - 4) // 6
+    return DenseNet(
+        growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes, small_inputs=True, **kwargs
+    )
+
+
+def densenet_bc_100_12(**kwargs) -> DenseNet:
+    """DenseNet-BC (L=100, k=12): 0.8M parameters."""
+    return densenet_bc(100, 12, **kwargs)
+
+
+def densenet_bc_250_24(**kwargs) -> DenseNet:
+    """DenseNet-BC (L=250, k=24): 15.3M parameters."""
+    return densenet_bc(250, 24, **kwargs)
+
+
+def densenet_bc_190_40(**kwargs) -> DenseNet:
+    """DenseNet-BC (L=190, k=40): 25.6M parameters."""
+    return densenet_bc(190, 40, **kwargs)
