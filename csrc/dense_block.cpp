@@ -31,13 +31,15 @@ struct Norm {
   Tensor bias;
   std::optional<Tensor> running_mean;  // absent: normalise by batch statistics
   std::optional<Tensor> running_var;
-  double eps;
+  double eps = 0;
 
   bool uses_batch_stats() const {
     return !running_mean.has_value();
   }
 };
 
+// A DenseNet-B layer (norm1 → conv1 1×1 → norm2 → conv2 3×3), or a plain
+// DenseNet layer (norm1 → conv1 3×3; norm2 and conv2 unused).
 struct Layer {
   Norm norm1;
   Tensor conv1_weight;
@@ -49,8 +51,11 @@ struct Block {
   std::vector<Layer> layers;
   int64_t num_input_features;
   int64_t growth_rate;
-  int64_t bottleneck_width;
+  int64_t bottleneck_width;  // 0: plain layers
 
+  bool has_bottleneck() const {
+    return bottleneck_width > 0;
+  }
   int64_t num_layers() const {
     return static_cast<int64_t>(layers.size());
   }
@@ -75,7 +80,8 @@ struct Block {
   }
   bool any_batch_stats() const {
     for (const auto& layer : layers) {
-      if (layer.norm1.uses_batch_stats() || layer.norm2.uses_batch_stats()) {
+      if (layer.norm1.uses_batch_stats() ||
+          (has_bottleneck() && layer.norm2.uses_batch_stats())) {
         return true;
       }
     }
@@ -181,12 +187,23 @@ Block make_block(
     int64_t num_input_features) {
   const auto num_layers = static_cast<int64_t>(args.conv1_weight.size());
   TORCH_CHECK_VALUE(num_layers >= 1, op, ": a dense block needs at least one layer");
-  const std::array<std::pair<const char*, size_t>, 11> lengths{{
+  const std::array<std::pair<const char*, size_t>, 5> norm1_lengths{{
       {"norm1_weight", args.norm1_weight.size()},
       {"norm1_bias", args.norm1_bias.size()},
       {"norm1_running_mean", args.norm1_running_mean.size()},
       {"norm1_running_var", args.norm1_running_var.size()},
       {"norm1_eps", args.norm1_eps.size()},
+  }};
+  for (const auto& [name, length] : norm1_lengths) {
+    TORCH_CHECK_VALUE(
+        static_cast<int64_t>(length) == num_layers, op, ": expected ", name,
+        " to have one entry per layer (", num_layers, "), got ", length);
+  }
+  // Bottleneck layers give every norm2/conv2 list one entry per layer;
+  // plain layers give them none.
+  const bool bottleneck = !args.conv2_weight.empty();
+  const auto expected = bottleneck ? num_layers : 0;
+  const std::array<std::pair<const char*, size_t>, 6> norm2_lengths{{
       {"norm2_weight", args.norm2_weight.size()},
       {"norm2_bias", args.norm2_bias.size()},
       {"norm2_running_mean", args.norm2_running_mean.size()},
@@ -194,38 +211,48 @@ Block make_block(
       {"norm2_eps", args.norm2_eps.size()},
       {"conv2_weight", args.conv2_weight.size()},
   }};
-  for (const auto& [name, length] : lengths) {
+  for (const auto& [name, length] : norm2_lengths) {
     TORCH_CHECK_VALUE(
-        static_cast<int64_t>(length) == num_layers, op, ": expected ", name,
-        " to have one entry per layer (", num_layers, "), got ", length);
+        static_cast<int64_t>(length) == expected, op, ": expected ", name,
+        " to have ", expected, " entries (", bottleneck ? "one per layer" : "none: plain layers",
+        "), got ", length);
   }
   const auto& first_conv1 = args.conv1_weight[0];
-  const auto& first_conv2 = args.conv2_weight[0];
   TORCH_CHECK_VALUE(
-      first_conv1.dim() == 4 && first_conv2.dim() == 4, op,
-      ": conv weights should be 4-D, got conv1 ", first_conv1.sizes(),
-      " and conv2 ", first_conv2.sizes());
-  Block block{{}, num_input_features, first_conv2.size(0), first_conv1.size(0)};
+      first_conv1.dim() == 4 && (!bottleneck || args.conv2_weight[0].dim() == 4),
+      op, ": conv weights should be 4-D, got conv1 ", first_conv1.sizes());
+  Block block{
+      {},
+      num_input_features,
+      bottleneck ? args.conv2_weight[0].size(0) : first_conv1.size(0),
+      bottleneck ? first_conv1.size(0) : 0};
   for (const auto l : c10::irange(num_layers)) {
     const auto channels = block.in_channels(l);
     const auto width = block.bottleneck_width;
-    auto norm1 = make_norm(
+    Layer layer;
+    layer.norm1 = make_norm(
         op, l, "norm1", args.norm1_weight[l], args.norm1_bias[l],
         args.norm1_running_mean.get(l), args.norm1_running_var.get(l),
         args.norm1_eps[l], channels, input);
-    check_parameter(
-        op, l, "conv1.weight", args.conv1_weight[l], {width, channels, 1, 1},
-        input);
-    auto norm2 = make_norm(
-        op, l, "norm2", args.norm2_weight[l], args.norm2_bias[l],
-        args.norm2_running_mean.get(l), args.norm2_running_var.get(l),
-        args.norm2_eps[l], width, input);
-    check_parameter(
-        op, l, "conv2.weight", args.conv2_weight[l],
-        {block.growth_rate, width, 3, 3}, input);
-    block.layers.push_back(
-        {std::move(norm1), args.conv1_weight[l], std::move(norm2),
-         args.conv2_weight[l]});
+    layer.conv1_weight = args.conv1_weight[l];
+    if (bottleneck) {
+      check_parameter(
+          op, l, "conv1.weight", layer.conv1_weight, {width, channels, 1, 1},
+          input);
+      layer.norm2 = make_norm(
+          op, l, "norm2", args.norm2_weight[l], args.norm2_bias[l],
+          args.norm2_running_mean.get(l), args.norm2_running_var.get(l),
+          args.norm2_eps[l], width, input);
+      layer.conv2_weight = args.conv2_weight[l];
+      check_parameter(
+          op, l, "conv2.weight", layer.conv2_weight,
+          {block.growth_rate, width, 3, 3}, input);
+    } else {
+      check_parameter(
+          op, l, "conv1.weight", layer.conv1_weight,
+          {block.growth_rate, channels, 3, 3}, input);
+    }
+    block.layers.push_back(std::move(layer));
   }
   return block;
 }
@@ -423,16 +450,21 @@ ForwardResult dense_block_forward(
     apply_bn_relu(
         layer.norm1, norm1_normalization(block, l, stats),
         output.narrow(1, 0, channels), norm1_out);
-    auto bottleneck = conv1x1(norm1_out, layer.conv1_weight);
-    if (layer.norm2.uses_batch_stats()) {
-      auto [mean, var] = ops::channel_stats(bottleneck);
-      stats.bottleneck_mean[l].copy_(mean);
-      stats.bottleneck_var[l].copy_(var);
+    Tensor new_features, bottleneck;
+    if (block.has_bottleneck()) {
+      bottleneck = conv1x1(norm1_out, layer.conv1_weight);
+      if (layer.norm2.uses_batch_stats()) {
+        auto [mean, var] = ops::channel_stats(bottleneck);
+        stats.bottleneck_mean[l].copy_(mean);
+        stats.bottleneck_var[l].copy_(var);
+      }
+      apply_bn_relu(
+          layer.norm2, norm2_normalization(block, l, stats), bottleneck,
+          norm2_out);
+      new_features = conv3x3(norm2_out, layer.conv2_weight);
+    } else {
+      new_features = conv3x3(norm1_out, layer.conv1_weight);
     }
-    apply_bn_relu(
-        layer.norm2, norm2_normalization(block, l, stats), bottleneck,
-        norm2_out);
-    auto new_features = conv3x3(norm2_out, layer.conv2_weight);
     if (dropout_p > 0) {
       auto [dropped, mask] = dropout_with_mask(new_features, dropout_p);
       new_features = std::move(dropped);
@@ -444,7 +476,7 @@ ForwardResult dense_block_forward(
     if (shared_stats && l + 1 < num_layers) {
       record_channel_stats(output, channels, growth, stats);
     }
-    if (save_for_backward && !recompute_bottleneck) {
+    if (save_for_backward && !recompute_bottleneck && bottleneck.defined()) {
       bottlenecks.push_back(std::move(bottleneck));
     }
   }
@@ -540,9 +572,10 @@ BackwardResult dense_block_backward(
   auto norm2_out = at::empty(
       {batch, block.bottleneck_width, height, width}, output.options());
 
+  const auto bottleneck_layers = block.has_bottleneck() ? num_layers : 0;
   std::vector<Tensor> grad_norm1_weight(num_layers), grad_norm1_bias(num_layers),
-      grad_conv1_weight(num_layers), grad_norm2_weight(num_layers),
-      grad_norm2_bias(num_layers), grad_conv2_weight(num_layers);
+      grad_conv1_weight(num_layers), grad_norm2_weight(bottleneck_layers),
+      grad_norm2_bias(bottleneck_layers), grad_conv2_weight(bottleneck_layers);
   for (int64_t l = num_layers - 1; l >= 0; --l) {
     const auto& layer = block.layers[l];
     const auto channels = block.in_channels(l);
@@ -556,30 +589,34 @@ BackwardResult dense_block_backward(
     const auto norm1 = norm1_normalization(block, l, stats);
     auto norm1_out = scratch_view(norm1_scratch, {batch, channels, height, width});
     apply_bn_relu(layer.norm1, norm1, features, norm1_out);
-    const auto bottleneck = bottlenecks.empty()
-        ? conv1x1(norm1_out, layer.conv1_weight)
-        : bottlenecks[l];
-    const auto norm2 = norm2_normalization(block, l, stats);
-    apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
 
-    auto [grad_norm2_out, grad_conv2] =
-        conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
-    auto [grad_bottleneck, grad_weight2, grad_bias2] = ops::bn_relu_backward(
-        grad_norm2_out, bottleneck, norm2.mean, norm2.invstd,
-        layer.norm2.weight, layer.norm2.bias, layer.norm2.uses_batch_stats());
-    auto [grad_norm1_out, grad_conv1] =
-        conv_backward(grad_bottleneck, norm1_out, layer.conv1_weight, 0);
+    Tensor grad_norm1_out;
+    if (block.has_bottleneck()) {
+      const auto bottleneck = bottlenecks.empty()
+          ? conv1x1(norm1_out, layer.conv1_weight)
+          : bottlenecks[l];
+      const auto norm2 = norm2_normalization(block, l, stats);
+      apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
+      auto [grad_norm2_out, grad_conv2] =
+          conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
+      auto [grad_bottleneck, grad_weight2, grad_bias2] = ops::bn_relu_backward(
+          grad_norm2_out, bottleneck, norm2.mean, norm2.invstd,
+          layer.norm2.weight, layer.norm2.bias, layer.norm2.uses_batch_stats());
+      std::tie(grad_norm1_out, grad_conv1_weight[l]) =
+          conv_backward(grad_bottleneck, norm1_out, layer.conv1_weight, 0);
+      grad_norm2_weight[l] = std::move(grad_weight2);
+      grad_norm2_bias[l] = std::move(grad_bias2);
+      grad_conv2_weight[l] = std::move(grad_conv2);
+    } else {
+      std::tie(grad_norm1_out, grad_conv1_weight[l]) =
+          conv_backward(grad_new_features, norm1_out, layer.conv1_weight, 1);
+    }
     auto grad_features_in = grad_features.narrow(1, 0, channels);
-    auto [grad_weight1, grad_bias1] = ops::bn_relu_backward_accumulate(
-        grad_norm1_out, features, norm1.mean, norm1.invstd, layer.norm1.weight,
-        layer.norm1.bias, layer.norm1.uses_batch_stats(), grad_features_in);
-
-    grad_norm1_weight[l] = std::move(grad_weight1);
-    grad_norm1_bias[l] = std::move(grad_bias1);
-    grad_conv1_weight[l] = std::move(grad_conv1);
-    grad_norm2_weight[l] = std::move(grad_weight2);
-    grad_norm2_bias[l] = std::move(grad_bias2);
-    grad_conv2_weight[l] = std::move(grad_conv2);
+    std::tie(grad_norm1_weight[l], grad_norm1_bias[l]) =
+        ops::bn_relu_backward_accumulate(
+            grad_norm1_out, features, norm1.mean, norm1.invstd,
+            layer.norm1.weight, layer.norm1.bias,
+            layer.norm1.uses_batch_stats(), grad_features_in);
   }
   auto grad_input = grad_features.narrow(1, 0, block.num_input_features)
                         .contiguous();

@@ -147,11 +147,14 @@ def _(input, norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var, no
     _fake_4d("dense_block_forward", input)
     batch, in_channels, height, width = input.shape
     num_layers = len(conv1_weight)
-    growth, width_4k = conv2_weight[0].shape[0], conv1_weight[0].shape[0]
+    if conv2_weight:  # DenseNet-B layers
+        growth, width_4k = conv2_weight[0].shape[0], conv1_weight[0].shape[0]
+    else:  # plain layers: conv1 is the 3x3 conv
+        growth, width_4k = conv1_weight[0].shape[0], 0
     stats = math_dtype(input.dtype)
     max_in = in_channels + (num_layers - 1) * growth
     output = input.new_empty((batch, in_channels + num_layers * growth, height, width))
-    keep_bottlenecks = save_for_backward and not recompute_bottleneck
+    keep_bottlenecks = save_for_backward and not recompute_bottleneck and width_4k > 0
     bottlenecks = [input.new_empty((batch, width_4k, height, width)) for _ in range(num_layers)] if keep_bottlenecks else []
     masks = (
         [input.new_empty((batch, growth, height, width), dtype=torch.bool) for _ in range(num_layers)]
@@ -188,6 +191,14 @@ def _(grad_output, output, norm1_weight, norm1_bias, norm1_running_mean, norm1_r
     )
 
 
+def _no_grad_like(value):
+    """"No gradient" shaped as autograd's wrapper sees the input: a list of
+    tensors (even empty) is a list, anything else (floats, Nones) one leaf."""
+    if isinstance(value, list) and all(isinstance(v, torch.Tensor) for v in value):
+        return [None] * len(value)
+    return None
+
+
 def _block_setup(ctx, inputs, output):
     input, *params = inputs[:13]
     dropout_p, _recompute, save_for_backward = inputs[13:]
@@ -200,16 +211,12 @@ def _block_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(
         *bottlenecks, channel_mean, channel_var, bottleneck_mean, bottleneck_var, *masks
     )
-    ctx.num_layers = len(params[_PARAM_LISTS["conv1_weight"]])
+    ctx.list_lengths = {name: len(params[i]) for name, i in _PARAM_LISTS.items()}
     ctx.eps = (params[_PARAM_LISTS["norm1_eps"]], params[_PARAM_LISTS["norm2_eps"]])
     ctx.num_bottlenecks = len(bottlenecks)
     ctx.num_masks = len(masks)
     ctx.dropout_p = dropout_p
-    ctx.tensor_only_running_lists = [
-        name
-        for name, i in _PARAM_LISTS.items()
-        if "running" in name and all(isinstance(t, torch.Tensor) for t in params[i])
-    ]
+    ctx.no_grads = {name: _no_grad_like(params[i]) for name, i in _PARAM_LISTS.items() if name not in _DIFFERENTIABLE}
     tensor_lists = [params[i] for name, i in _PARAM_LISTS.items() if not name.endswith("eps")]
     ctx.save_for_backward(
         block_output,
@@ -222,7 +229,6 @@ def _block_setup(ctx, inputs, output):
 
 def _block_backward(ctx, grad_output, *_grads_of_non_differentiable_outputs):
     saved = list(ctx.saved_tensors)
-    num_layers = ctx.num_layers
 
     def take(count):
         taken = saved[:count]
@@ -235,7 +241,7 @@ def _block_backward(ctx, grad_output, *_grads_of_non_differentiable_outputs):
         if name.endswith("eps"):
             lists[name] = list(ctx.eps[0] if name.startswith("norm1") else ctx.eps[1])
         else:
-            lists[name] = take(num_layers)
+            lists[name] = take(ctx.list_lengths[name])
     bottlenecks = take(ctx.num_bottlenecks)
     channel_mean, channel_var, bottleneck_mean, bottleneck_var = take(4)
     masks = take(ctx.num_masks)
@@ -243,12 +249,7 @@ def _block_backward(ctx, grad_output, *_grads_of_non_differentiable_outputs):
         grad_output, block_output, *lists.values(), bottlenecks,
         channel_mean, channel_var, bottleneck_mean, bottleneck_var, masks, ctx.dropout_p,
     )
-    grads = dict(zip(_DIFFERENTIABLE, param_grads))
-    # Running statistics get no gradient. The autograd wrapper wants the
-    # gradients shaped like the inputs: a list where the input was a list of
-    # tensors, a single None where it held Nones (a leaf to it).
-    for name in ctx.tensor_only_running_lists:
-        grads[name] = [None] * num_layers
+    grads = {**ctx.no_grads, **dict(zip(_DIFFERENTIABLE, param_grads))}
     return (
         grad_input,
         *(grads.get(name) for name in _PARAM_LISTS),

@@ -51,20 +51,33 @@ def _check_conv(name: str, conv: nn.Module, kernel: int) -> None:
         )
 
 
-def _check_layer(name: str, layer: nn.Module) -> None:
-    for norm_name in ("norm1", "norm2"):
+def _has_bottleneck(layer: nn.Module) -> bool:
+    return getattr(layer, "conv2", None) is not None
+
+
+def _check_layer(name: str, layer: nn.Module, bottleneck: bool) -> None:
+    if _has_bottleneck(layer) != bottleneck:
+        raise ValueError(
+            f"efficient mode needs all layers of a block alike: {name} "
+            f"{'has' if _has_bottleneck(layer) else 'lacks'} the bottleneck (norm2, relu2, conv2) "
+            "that the first layer " + ("has" if bottleneck else "lacks")
+        )
+    for norm_name in ("norm1", "norm2") if bottleneck else ("norm1",):
         norm = getattr(layer, norm_name, None)
         if type(norm) is not nn.BatchNorm2d or not norm.affine:
             raise ValueError(
                 f"efficient mode supports {name}.{norm_name} = nn.BatchNorm2d(affine=True) "
                 f"(track_running_stats and momentum may be anything); got {norm!r}"
             )
-    for relu_name in ("relu1", "relu2"):
+    for relu_name in ("relu1", "relu2") if bottleneck else ("relu1",):
         relu = getattr(layer, relu_name, None)
         if type(relu) is not nn.ReLU:
             raise ValueError(f"efficient mode needs {name}.{relu_name} to be nn.ReLU; got {relu!r}")
-    _check_conv(f"{name}.conv1", getattr(layer, "conv1", None), kernel=1)
-    _check_conv(f"{name}.conv2", getattr(layer, "conv2", None), kernel=3)
+    if bottleneck:
+        _check_conv(f"{name}.conv1", getattr(layer, "conv1", None), kernel=1)
+        _check_conv(f"{name}.conv2", getattr(layer, "conv2", None), kernel=3)
+    else:
+        _check_conv(f"{name}.conv1", getattr(layer, "conv1", None), kernel=3)
 
 
 def autocast_dtype(input: Tensor) -> torch.dtype | None:
@@ -114,7 +127,12 @@ def _check_input(input: Tensor, named: list[tuple[str, nn.Module]]) -> None:
             f"{input.device}, the parameters on {weight.device}"
         )
     batch, _, height, width = input.shape
-    uses_batch_stats = any(_uses_batch_stats(getattr(layer, n)) for _, layer in named for n in ("norm1", "norm2"))
+    uses_batch_stats = any(
+        _uses_batch_stats(norm)
+        for _, layer in named
+        for norm in (getattr(layer, "norm1", None), getattr(layer, "norm2", None))
+        if isinstance(norm, nn.BatchNorm2d)
+    )
     if uses_batch_stats and batch * height * width == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.shape}"
@@ -156,12 +174,13 @@ def dense_block(
     """
     named = _named_layers(layers)
     _check_input(input, named)
+    bottleneck = _has_bottleneck(named[0][1])
     for name, layer in named:
-        _check_layer(name, layer)
+        _check_layer(name, layer, bottleneck)
     dropout_p = _dropout_probability(named)
     modules = [layer for _, layer in named]
     norm1 = [layer.norm1 for layer in modules]
-    norm2 = [layer.norm2 for layer in modules]
+    norm2 = [layer.norm2 for layer in modules] if bottleneck else []
 
     def running(norms, stat):
         return [None if _uses_batch_stats(n) else getattr(n, stat) for n in norms]
@@ -183,7 +202,7 @@ def dense_block(
         conv_weights(layer.conv1 for layer in modules),
         [n.weight for n in norm2], [n.bias for n in norm2],
         running(norm2, "running_mean"), running(norm2, "running_var"), [float(n.eps) for n in norm2],
-        conv_weights(layer.conv2 for layer in modules),
+        conv_weights(layer.conv2 for layer in modules if bottleneck),
     )
     # Everything is already in its dtype; autocast must not touch the
     # convolutions inside the operator.
@@ -199,10 +218,10 @@ def _update_running_stats(input, layers, channel_mean, channel_var, bottleneck_m
     norms, means, variances = [], [], []
     for index, layer in enumerate(layers):
         channels = layer.conv1.in_channels
-        for norm, mean, var in (
-            (layer.norm1, channel_mean[:channels], channel_var[:channels]),
-            (layer.norm2, bottleneck_mean[index], bottleneck_var[index]),
-        ):
+        stats = [(layer.norm1, channel_mean[:channels], channel_var[:channels])]
+        if _has_bottleneck(layer):
+            stats.append((layer.norm2, bottleneck_mean[index], bottleneck_var[index]))
+        for norm, mean, var in stats:
             if _updates_running_stats(norm):
                 norms.append(norm)
                 means.append(mean)

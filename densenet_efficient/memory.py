@@ -67,8 +67,11 @@ class _BlockSizes:
         total = 0
         for layer in range(self.num_layers):
             channels = self.num_input_features + layer * self.growth_rate
-            total += 2 * channels + channels * self.width_4k  # norm1, conv1
-            total += 2 * self.width_4k + self.width_4k * self.growth_rate * 9  # norm2, conv2
+            if self.width_4k:
+                total += 2 * channels + channels * self.width_4k  # norm1, conv1 1x1
+                total += 2 * self.width_4k + self.width_4k * self.growth_rate * 9  # norm2, conv2
+            else:
+                total += 2 * channels + channels * self.growth_rate * 9  # norm1, conv1 3x3
         return total * self.itemsize
 
 
@@ -88,7 +91,8 @@ def dense_block_saved_bytes(
     training step (parameters and buffers not counted):
 
     * the block buffer, which is the output: N·(C0 + L·k)·H·W elements;
-    * per layer its bottleneck, N·bn_size·k·H·W (not with recompute_bottleneck);
+    * per layer its bottleneck, N·bn_size·k·H·W (not with recompute_bottleneck;
+      none for plain layers, bn_size=0);
     * per-channel batch statistics: mean and variance of the C0 + (L−1)·k
       channels some norm1 reads and of each layer's bn_size·k bottleneck
       channels, in the math dtype (float32 for half/bfloat16);

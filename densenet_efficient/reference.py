@@ -38,7 +38,11 @@ def bn_relu(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: T
 
 
 class ReferenceDenseLayer(nn.Module):
-    """torchvision's ``_DenseLayer``: BN-ReLU-Conv1x1(bn_size·k) → BN-ReLU-Conv3x3(k)."""
+    """torchvision's ``_DenseLayer``: BN-ReLU-Conv1x1(bn_size·k) → BN-ReLU-Conv3x3(k).
+
+    ``bn_size=0`` gives the plain DenseNet layer (no bottleneck):
+    BN-ReLU-Conv3x3(k), modules ``norm1``, ``relu1``, ``conv1``.
+    """
 
     def __init__(
         self,
@@ -49,12 +53,17 @@ class ReferenceDenseLayer(nn.Module):
         memory_efficient: bool = False,
     ) -> None:
         super().__init__()
+        if bn_size < 0:
+            raise ValueError(f"bn_size must be positive, or 0 for layers without bottleneck; got {bn_size}")
         self.norm1 = nn.BatchNorm2d(num_input_features)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        if bn_size == 0:
+            self.conv1 = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
@@ -68,7 +77,10 @@ class ReferenceDenseLayer(nn.Module):
             bottleneck = cp.checkpoint(self.bn_function, *prev_features, use_reentrant=False)
         else:
             bottleneck = self.bn_function(*prev_features)
-        new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
+        if not hasattr(self, "conv2"):  # plain layer: conv1 already gave the new features
+            new_features = bottleneck
+        else:
+            new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features

@@ -11,8 +11,11 @@ from conftest import make_pair
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-bottleneck", "recompute"])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.4], ids=["no-dropout", "dropout"])
-def test_gradcheck_efficient_block(training, recompute, drop_rate):
-    block, _ = make_pair(2, 3, 2, bn_size=2, drop_rate=drop_rate, recompute_bottleneck=recompute)
+@pytest.mark.parametrize("bn_size", [2, 0], ids=["bottleneck", "plain"])
+def test_gradcheck_efficient_block(training, recompute, drop_rate, bn_size):
+    if bn_size == 0 and recompute:
+        pytest.skip("plain layers have no bottleneck to recompute")
+    block, _ = make_pair(2, 3, 2, bn_size=bn_size, drop_rate=drop_rate, recompute_bottleneck=recompute)
     block.train(training)
     names = [name for name, _ in block.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in block.parameters())

@@ -18,6 +18,7 @@ SHAPES = [
     pytest.param((3, 4, 4, 6, 1, 4, 2), id="k1"),
     pytest.param((2, 5, 3, 7, 5, 2, 3), id="non-square"),
     pytest.param((1, 4, 4, 4, 2, 2, 4), id="N1-spatial"),  # legal in training: 16 values per channel
+    pytest.param((3, 5, 5, 4, 3, 3, 0), id="plain-layers"),  # bn_size=0: BN-ReLU-Conv3x3, no bottleneck
 ]
 
 
@@ -38,9 +39,13 @@ def test_one_step_matches_reference_float64(shape, training, drop_rate, recomput
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.2], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
-@pytest.mark.parametrize("recompute", [False, True], ids=["keep-bottleneck", "recompute"])
-def test_three_sgd_steps_match_reference_float64(training, drop_rate, momentum, recompute):
-    ours, reference = make_pair(4, 6, 3, drop_rate=drop_rate, momentum=momentum, recompute_bottleneck=recompute)
+@pytest.mark.parametrize(
+    "recompute, bn_size", [(False, 4), (True, 4), (False, 0)], ids=["keep-bottleneck", "recompute", "plain"]
+)
+def test_three_sgd_steps_match_reference_float64(training, drop_rate, momentum, recompute, bn_size):
+    ours, reference = make_pair(
+        4, 6, 3, bn_size=bn_size, drop_rate=drop_rate, momentum=momentum, recompute_bottleneck=recompute
+    )
     ours.train(training)
     reference.train(training)
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ours, reference)]

@@ -35,12 +35,14 @@ def block_and_input(num_layers, mode="efficient", dtype=torch.float32, **kwargs)
         pytest.param({"drop_rate": 0.2}, id="dropout"),
         pytest.param({"dtype": torch.float64}, id="float64"),
         pytest.param({"dtype": torch.bfloat16}, id="bfloat16"),
+        pytest.param({"bn_size": 0}, id="plain-layers"),
     ],
 )
 def test_efficient_saved_bytes_equal_the_model(num_layers, options):
     block, x = block_and_input(num_layers, **options)
     predicted = dense_block_saved_bytes(
         BATCH, SIZE, SIZE, C0, num_layers, K,
+        bn_size=options.get("bn_size", 4),
         dtype=options.get("dtype", torch.float32),
         drop_rate=options.get("drop_rate", 0.0),
         recompute_bottleneck=options.get("recompute_bottleneck", False),

@@ -224,8 +224,8 @@ def test_opcheck_update_running_stats(momentum):
     torch.library.opcheck(ops.update_running_stats.default, args)
 
 
-def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=True):
-    block, _ = make_pair(2, 3, 2, bn_size=2, drop_rate=drop_rate)
+def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=True, bn_size=2):
+    block, _ = make_pair(2, 3, 2, bn_size=bn_size, drop_rate=drop_rate)
     block.train(training)
 
     def norm_args(norms):
@@ -237,18 +237,19 @@ def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=
     x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=requires_grad)
     return (
         x, *norm_args([l.norm1 for l in layers]), [l.conv1.weight for l in layers],
-        *norm_args([l.norm2 for l in layers]), [l.conv2.weight for l in layers],
+        *norm_args([l.norm2 for l in layers if bn_size]), [l.conv2.weight for l in layers if bn_size],
         drop_rate if training else 0.0, recompute, requires_grad,
     )
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("recompute", [False, True], ids=["keep-bottleneck", "recompute"])
-def test_opcheck_dense_block_forward(training, recompute):
-    torch.library.opcheck(ops.dense_block_forward.default, _block_forward_args(training, recompute=recompute))
-    torch.library.opcheck(
-        ops.dense_block_forward.default, _block_forward_args(training, recompute=recompute, requires_grad=False)
-    )
+@pytest.mark.parametrize(
+    "recompute, bn_size", [(False, 2), (True, 2), (False, 0)], ids=["keep-bottleneck", "recompute", "plain"]
+)
+def test_opcheck_dense_block_forward(training, recompute, bn_size):
+    for requires_grad in (True, False):
+        args = _block_forward_args(training, recompute=recompute, requires_grad=requires_grad, bn_size=bn_size)
+        torch.library.opcheck(ops.dense_block_forward.default, args)
 
 
 def test_opcheck_dense_block_forward_with_dropout():
@@ -263,8 +264,9 @@ def test_opcheck_dense_block_forward_with_dropout():
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_opcheck_dense_block_backward(training):
-    args = _block_forward_args(training, drop_rate=0.3)
+@pytest.mark.parametrize("bn_size", [2, 0], ids=["bottleneck", "plain"])
+def test_opcheck_dense_block_backward(training, bn_size):
+    args = _block_forward_args(training, drop_rate=0.3, bn_size=bn_size)
     with torch.no_grad():
         output, bottlenecks, *stats, masks = ops.dense_block_forward(*args)
     params = [[t.detach() if isinstance(t, torch.Tensor) else t for t in lst] if isinstance(lst, list) else lst for lst in args[1:13]]
