@@ -32,6 +32,7 @@ __all__ = [
     "densenet_bc_100_12",
     "densenet_bc_190_40",
     "densenet_bc_250_24",
+    "densenet_cifar",
 ]
 
 # torchvision's _load_state_dict: '.'s are no longer allowed in module names,
@@ -61,6 +62,7 @@ class DenseNet(nn.Module):
     """DenseNet-BC (Huang et al. 2017) with a switchable dense-block
     implementation (``mode``: "naive", "checkpoint" or "efficient").
 
+    ``bn_size=0`` builds plain layers (BN-ReLU-Conv3×3, no bottleneck);
     ``compression`` is the transitions' channel factor θ; ``small_inputs``
     selects the CIFAR stem (3×3 conv, no stem norm/pooling); the features end
     in a global average pooling (8×8 for 32×32 CIFAR inputs, 7×7 for 224×224).
@@ -184,6 +186,18 @@ def densenet_bc(depth: int, growth_rate: int, num_classes: int = 10, **kwargs) -
     n = (depth - 4) // 6
     return DenseNet(
         growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes, small_inputs=True, **kwargs
+    )
+
+
+def densenet_cifar(depth: int, growth_rate: int, num_classes: int = 10, **kwargs) -> DenseNet:
+    """CIFAR DenseNet without bottleneck or compression, depth L = 3n + 4:
+    three dense blocks of n BN-ReLU-Conv3×3 layers and a 3×3 stem with 16
+    channels (the paper's L=40 and L=100 networks with k=12)."""
+    if depth < 7 or (depth - 4) % 3:
+        raise ValueError(f"DenseNet depth must be 3n + 4 with n >= 1 (e.g. 40, 100), got {depth}")
+    n = (depth - 4) // 3
+    return DenseNet(
+        growth_rate, (n, n, n), 16, bn_size=0, compression=1.0, num_classes=num_classes, small_inputs=True, **kwargs
     )
 
 
