@@ -212,3 +212,30 @@ def test_index_math_beyond_32_bits():
     out = ops.bn_relu(x, mean, torch.rsqrt(var + 1e-5), weight, bias)
     tail = reference.bn_relu(x[-2:], mean, torch.rsqrt(var + 1e-5), weight, bias)
     assert rel_error(out[-2:], tail) <= 1e-6
+
+
+def test_torch_compile_fullgraph_on_cuda():
+    import copy
+
+    from densenet_efficient import models
+
+    torch.manual_seed(0)
+    model = models.densenet_bc(22, 6).cuda()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    projection = torch.randn(8, 10, device="cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for _ in range(2):
+            outputs = []
+            for m in (compiled, eager):
+                m.zero_grad(set_to_none=True)
+                out = m(x)
+                (out * projection).sum().backward()
+                outputs.append(out.detach())
+            assert rel_error(outputs[0], outputs[1]) <= 1e-5
+            for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+                assert (p.grad - q.grad).norm() <= 1e-4 * max(q.grad.norm(), 1e-2), name
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
