@@ -6,9 +6,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["dense_block_peak_bytes", "dense_block_saved_bytes", "saved_tensor_bytes"]
+__all__ = ["dense_block_peak_bytes", "dense_block_saved_bytes", "model_saved_bytes", "saved_tensor_bytes"]
 
 
 def _storage_key(t: Tensor) -> tuple[int, int]:
@@ -143,3 +143,142 @@ def dense_block_peak_bytes(
     if drop_rate > 0:
         transients += s.maps(growth_rate)
     return saved + s.maps(s.out_channels) + scratches + transients + s.parameters()
+
+
+# --- whole models ---------------------------------------------------------
+
+
+class _Tensor:
+    """The activation flowing through a model: its shape, and whether its
+    storage already counts as saved (so a second op saving it adds nothing)."""
+
+    def __init__(self, batch, channels, height, width, saved=False):
+        self.batch, self.channels, self.height, self.width, self.saved = batch, channels, height, width, saved
+
+    def numel(self) -> int:
+        return self.batch * self.channels * self.height * self.width
+
+    def new(self, channels=None, height=None, width=None) -> "_Tensor":
+        return _Tensor(self.batch, channels or self.channels, height or self.height, width or self.width)
+
+
+def _pooled(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class _SavedBytes:
+    """Walks a DenseNet's features, adding up what autograd saves: each op's
+    saved tensors as PyTorch's derivative formulas keep them, each storage once."""
+
+    def __init__(self, dtype: torch.dtype, training: bool, device_type: str):
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.math_itemsize = _math_itemsize(dtype)
+        self.training = training
+        self.device_type = device_type
+        self.total = 0
+
+    def save(self, t: _Tensor) -> None:
+        if not t.saved:
+            self.total += t.numel() * self.itemsize
+            t.saved = True
+
+    def batch_norm(self, x: _Tensor) -> _Tensor:
+        self.save(x)  # its input; and save_mean/save_invstd (empty in eval)
+        if self.training:
+            self.total += 2 * x.channels * self.math_itemsize
+        return x.new()
+
+    def module(self, module: nn.Module, x: _Tensor) -> _Tensor:
+        from .models import Transition
+        from .modules import DenseBlock
+
+        if isinstance(module, nn.Conv2d):
+            self.save(x)
+            return x.new(
+                module.out_channels,
+                _pooled(x.height, module.kernel_size[0], module.stride[0], module.padding[0]),
+                _pooled(x.width, module.kernel_size[1], module.stride[1], module.padding[1]),
+            )
+        if isinstance(module, nn.BatchNorm2d):
+            return self.batch_norm(x)
+        if isinstance(module, nn.ReLU):  # in place: saves its result, the same storage
+            self.save(x)
+            return x
+        if isinstance(module, nn.MaxPool2d):
+            self.save(x)
+            y = x.new(height=_pooled(x.height, module.kernel_size, module.stride, module.padding),
+                      width=_pooled(x.width, module.kernel_size, module.stride, module.padding))
+            self.total += y.numel() * 8  # int64 indices
+            return y
+        if isinstance(module, nn.AvgPool2d):
+            self.save(x)
+            return x.new(height=_pooled(x.height, module.kernel_size, module.stride, 0),
+                         width=_pooled(x.width, module.kernel_size, module.stride, 0))
+        if isinstance(module, (nn.Sequential, Transition)):
+            for child in module.children():
+                x = self.module(child, x)
+            return x
+        if isinstance(module, DenseBlock):
+            return self.dense_block(module, x)
+        raise NotImplementedError(f"memory model: no rule for {type(module).__name__}")
+
+    def dense_block(self, block, x: _Tensor) -> _Tensor:
+        layers = list(block.values())
+        growth = layers[0].conv2.out_channels if hasattr(layers[0], "conv2") else layers[0].conv1.out_channels
+        width_4k = layers[0].conv1.out_channels if hasattr(layers[0], "conv2") else 0
+        num_layers = len(layers)
+        out = x.new(x.channels + num_layers * growth)
+        plane = x.batch * x.height * x.width
+        dropout = self.training and layers[0].drop_rate > 0
+        dropout_bytes = growth * plane * (1 if self.device_type == "cuda" else self.itemsize)
+        if block.mode == "efficient":
+            self.total += dense_block_saved_bytes(
+                x.batch, x.height, x.width, x.channels, num_layers, growth,
+                bn_size=width_4k // growth, dtype=_dtype_of(self.itemsize, self.math_itemsize),
+                drop_rate=layers[0].drop_rate if self.training else 0.0,
+                recompute_bottleneck=block.recompute_bottleneck,
+            )
+            out.saved = True  # the block buffer is saved, and is the output
+            return out
+        stats = 2 * self.math_itemsize if self.training else 0
+        if block.mode == "checkpoint":
+            # torch.utils.checkpoint keeps each layer's inputs: the block input and
+            # every new feature map but the last; inside, only what follows conv1 saves.
+            self.save(x)
+            self.total += (num_layers - 1) * growth * plane * self.itemsize
+            per_layer = 2 * width_4k * plane * self.itemsize + width_4k * stats
+        else:
+            per_layer = 2 * width_4k * plane * self.itemsize + width_4k * stats
+            for layer in range(num_layers):  # the concatenation and the norm1-ReLU output
+                channels = x.channels + layer * growth
+                self.total += 2 * channels * plane * self.itemsize + channels * stats
+        self.total += num_layers * (per_layer + (dropout_bytes if dropout else 0))
+        return out
+
+
+def _dtype_of(itemsize: int, math_itemsize: int) -> torch.dtype:
+    return {8: torch.float64, 4: torch.float32}.get(itemsize, torch.bfloat16)
+
+
+def model_saved_bytes(
+    model: nn.Module,
+    batch: int,
+    height: int,
+    width: int,
+    dtype: torch.dtype = torch.float32,
+    training: bool | None = None,
+    device_type: str = "cpu",
+) -> int:
+    """Activation bytes autograd saves for backward in a forward pass of one of
+    our DenseNets (``densenet_efficient.models.DenseNet``) on a
+    [batch, 3, height, width] input that needs no gradient, in each dense
+    block's own mode. Parameters and buffers are not counted; the input
+    image is (the first convolution saves it). ``training`` defaults to the
+    model's mode; ``device_type`` matters only for dropout (CPU keeps a
+    float noise tensor, CUDA a bool mask)."""
+    counter = _SavedBytes(dtype, model.training if training is None else training, device_type)
+    x = _Tensor(batch, 3, height, width)
+    x = counter.module(model.features, x)
+    counter.save(x)  # F.relu(..., inplace=True) after norm5
+    counter.total += batch * x.channels * counter.itemsize  # the classifier's input
+    return counter.total

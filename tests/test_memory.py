@@ -106,3 +106,43 @@ def test_no_leak_over_fifty_training_steps():
     assert len(set(saved)) == 1, saved
     growth = rss[1] - rss[0]
     assert growth < 8 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB between steps 10 and 49"
+
+
+def _model_cases():
+    from densenet_efficient import models
+
+    return [
+        pytest.param(lambda **k: models.densenet_bc(16, 6, **k), 32, id="densenet-bc-16-6"),
+        pytest.param(lambda **k: models.densenet_cifar(13, 4, **k), 32, id="plain-13-4"),
+        pytest.param(lambda **k: models.DenseNet(4, (2, 3), 8, **k), 48, id="imagenet-stem"),
+    ]
+
+
+@pytest.mark.parametrize("build, size", _model_cases())
+@pytest.mark.parametrize(
+    "mode, recompute",
+    [("naive", False), ("checkpoint", False), ("efficient", False), ("efficient", True)],
+    ids=["naive", "checkpoint", "efficient", "efficient-recompute"],
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.2], ids=["no-dropout", "dropout"])
+def test_whole_model_saved_bytes_equal_the_model(build, size, mode, recompute, training, drop_rate):
+    from densenet_efficient.memory import model_saved_bytes
+
+    torch.manual_seed(0)
+    model = build(mode=mode, recompute_bottleneck=recompute, drop_rate=drop_rate).train(training)
+    x = torch.randn(3, 3, size, size)
+    _, measured = saved_tensor_bytes(model, x, ignore=[*model.parameters(), *model.buffers()])
+    assert measured == model_saved_bytes(model, 3, size, size)
+
+
+def test_whole_model_saved_bytes_float64_and_mixed_modes():
+    from densenet_efficient import models
+    from densenet_efficient.memory import model_saved_bytes
+
+    model = models.densenet_bc(22, 6).double()
+    model.features.denseblock2.mode = "naive"
+    model.features.denseblock3.mode = "checkpoint"
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    _, measured = saved_tensor_bytes(model, x, ignore=[*model.parameters(), *model.buffers()])
+    assert measured == model_saved_bytes(model, 2, 32, 32, dtype=torch.float64)
