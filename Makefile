@@ -28,7 +28,7 @@ CXX17_DIR := build/cxx17
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "setuptools>=64,<82" wheel
-	$(PY) -m pip install -q $(TORCH_PACKAGES) pytest numpy ninja
+	$(PY) -m pip install -q $(TORCH_PACKAGES) pytest numpy ninja matplotlib pytest-benchmark
 	touch $@
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
@@ -41,7 +41,7 @@ test: build
 	$(PY) -m pytest -q -ra --junitxml=test-results/junit.xml tests
 
 demo: build
-	$(PY) -m densenet_efficient demo
+	$(PY) -m densenet_efficient bench
 
 # Builds a copy of the tree (so the editable build above is left alone) and
 # runs the smoke test against the installed package, from outside the tree.

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["dense_block_peak_bytes", "dense_block_saved_bytes", "model_saved_bytes", "saved_tensor_bytes"]
+__all__ = [
+    "StepMemory",
+    "dense_block_peak_bytes",
+    "dense_block_saved_bytes",
+    "estimate_training_step",
+    "model_saved_bytes",
+    "saved_tensor_bytes",
+]
 
 
 def _storage_key(t: Tensor) -> tuple[int, int]:
@@ -282,3 +289,99 @@ def model_saved_bytes(
     counter.save(x)  # F.relu(..., inplace=True) after norm5
     counter.total += batch * x.channels * counter.itemsize  # the classifier's input
     return counter.total
+
+
+# --- a whole training step --------------------------------------------------
+
+
+class StepMemory(NamedTuple):
+    """Predicted memory of one training step, in bytes."""
+
+    state: int        # parameters, their gradients, optimizer state, buffers
+    saved: int        # activations saved for backward (exact on CPU)
+    activations: int  # peak of saved plus transient activations over the step
+    total: int        # state + activations: what max_memory_allocated should approach
+
+
+def _block_transients(block, x: _Tensor, itemsize: int, math_itemsize: int) -> tuple[int, int]:
+    """(forward, backward) transient bytes of a dense block beyond what it
+    saves: scratches, concatenations, gradient buffers, one layer's gradients."""
+    layers = list(block.values())
+    bottleneck = hasattr(layers[0], "conv2")
+    growth = layers[0].conv2.out_channels if bottleneck else layers[0].conv1.out_channels
+    width_4k = layers[0].conv1.out_channels if bottleneck else 0
+    out_channels = x.channels + len(layers) * growth
+    max_in = out_channels - growth
+    maps = lambda channels: x.batch * x.height * x.width * channels * itemsize  # noqa: E731
+    if block.mode == "efficient":
+        # Forward: the two scratches and one layer's new features. Backward
+        # (dense_block_peak_bytes less what is saved and the parameter
+        # gradients): the output gradient autograd hands in, the gradient
+        # buffer, the scratches and one layer's gradients.
+        dtype = _dtype_of(itemsize, math_itemsize)
+        args = (x.batch, x.height, x.width, x.channels, len(layers), growth, width_4k // growth, dtype,
+                layers[0].drop_rate, block.recompute_bottleneck)
+        sizes = _BlockSizes(*args[:8])
+        forward = maps(max_in) + maps(width_4k) + maps(growth)
+        backward = dense_block_peak_bytes(*args) - dense_block_saved_bytes(*args) - sizes.parameters()
+        return forward, backward + maps(out_channels)
+    # torch.cat keeps every new feature map alive next to the concatenation;
+    # backward holds the output gradient, the per-feature gradients it is
+    # split into, and one layer's gradients (plus, with checkpointing, the
+    # recomputed concatenation and norm1 output).
+    forward = 2 * maps(out_channels)
+    backward = 2 * maps(out_channels) + 2 * maps(max_in) + 3 * maps(width_4k)
+    if block.mode == "checkpoint":
+        backward += 2 * maps(max_in)
+    return forward, backward
+
+
+def estimate_training_step(
+    model: nn.Module,
+    batch: int,
+    height: int,
+    width: int,
+    dtype: torch.dtype = torch.float32,
+    autocast_dtype: torch.dtype | None = None,
+    optimizer_slots: int = 1,
+    device_type: str = "cuda",
+) -> StepMemory:
+    """Predicted memory of a training step (forward, backward, optimizer) of
+    one of our DenseNets at this batch and input size: parameters (dtype),
+    gradients, ``optimizer_slots`` tensors of optimizer state per parameter
+    (SGD with momentum: 1, Adam: 2), and the activations — saved tensors
+    exactly as ``model_saved_bytes`` counts them, plus the largest transient
+    along a forward-then-backward timeline (backward frees each component's
+    saved tensors as it passes them). With ``autocast_dtype`` activations are
+    in that dtype and the convolution weights' low-precision copies are saved
+    too. Convolution workspaces are not included.
+    """
+    from .modules import DenseBlock
+
+    parameters = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    state = parameters * (2 + optimizer_slots) + buffers
+    activation_dtype = autocast_dtype or dtype
+    counter = _SavedBytes(activation_dtype, model.training, device_type)
+    x = _Tensor(batch, 3, height, width)
+    timeline = []  # (saved so far, forward transient, backward transient) per component
+    for module in model.features.children():
+        x_in = x
+        x = counter.module(module, x)
+        if isinstance(module, DenseBlock):
+            forward, backward = _block_transients(module, x_in, counter.itemsize, counter.math_itemsize)
+        else:
+            largest = max(x_in.numel(), x.numel()) * counter.itemsize
+            forward, backward = largest, 2 * largest
+        timeline.append((counter.total, forward, backward))
+    counter.save(x)
+    counter.total += batch * x.channels * counter.itemsize
+    if autocast_dtype is not None:
+        conv_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+        counter.total += conv_weights * counter.itemsize
+    saved = counter.total
+    head = saved - timeline[-1][0]
+    forward_peak = max(so_far + transient for so_far, transient, _ in timeline)
+    backward_peak = max(so_far + transient for so_far, _, transient in timeline)
+    activations = max(forward_peak, backward_peak + head, saved)
+    return StepMemory(state, saved, activations, state + activations)

@@ -21,8 +21,10 @@ from torch import Tensor, nn
 from .modules import DenseBlock
 
 __all__ = [
+    "BUILDERS",
     "DenseNet",
     "Transition",
+    "builder",
     "densenet121",
     "densenet161",
     "densenet169",
@@ -82,6 +84,7 @@ class DenseNet(nn.Module):
         recompute_bottleneck: bool = False,
     ) -> None:
         super().__init__()
+        self.small_inputs = small_inputs
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
         if small_inputs:
@@ -149,6 +152,21 @@ class DenseNet(nn.Module):
         return self.classifier(out)
 
 
+def builder(name: str):
+    """A model builder by name: one of BUILDERS, or ``densenet_bc-<depth>-<k>``
+    / ``densenet_cifar-<depth>-<k>`` for any CIFAR depth and growth rate."""
+    if name in BUILDERS:
+        return BUILDERS[name]
+    match = re.fullmatch(r"(densenet_bc|densenet_cifar)-(\d+)-(\d+)", name)
+    if match:
+        family, depth, growth_rate = match.group(1), int(match.group(2)), int(match.group(3))
+        make = densenet_bc if family == "densenet_bc" else densenet_cifar
+        return lambda **kwargs: make(depth, growth_rate, **kwargs)
+    raise ValueError(
+        f"unknown model {name!r}; choose one of {sorted(BUILDERS)} or densenet_bc-<depth>-<k> / densenet_cifar-<depth>-<k>"
+    )
+
+
 def _imagenet(growth_rate, block_config, num_init_features, **kwargs) -> DenseNet:
     return DenseNet(growth_rate, block_config, num_init_features, **kwargs)
 
@@ -214,3 +232,12 @@ def densenet_bc_250_24(**kwargs) -> DenseNet:
 def densenet_bc_190_40(**kwargs) -> DenseNet:
     """DenseNet-BC (L=190, k=40): 25.6M parameters."""
     return densenet_bc(190, 40, **kwargs)
+
+
+BUILDERS = {
+    f.__name__: f
+    for f in (
+        densenet121, densenet161, densenet169, densenet201, densenet264,
+        densenet_bc_100_12, densenet_bc_250_24, densenet_bc_190_40,
+    )
+}

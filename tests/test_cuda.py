@@ -239,3 +239,33 @@ def test_torch_compile_fullgraph_on_cuda():
                 assert (p.grad - q.grad).norm() <= 1e-4 * max(q.grad.norm(), 1e-2), name
     finally:
         torch.backends.cudnn.allow_tf32 = True
+
+
+@pytest.mark.parametrize(
+    "mode, recompute", [("naive", False), ("checkpoint", False), ("efficient", False), ("efficient", True)],
+    ids=["naive", "checkpoint", "efficient", "efficient-recompute"],
+)
+def test_training_step_peak_within_ten_percent_of_the_estimate(mode, recompute):
+    from densenet_efficient import models
+    from densenet_efficient.memory import estimate_training_step
+
+    torch.manual_seed(0)
+    model = models.densenet_bc_100_12(mode=mode, recompute_bottleneck=recompute).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(64, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    step()  # creates the momentum buffers
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    inputs = x.numel() * x.element_size() + y.numel() * y.element_size()
+    step()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - inputs
+    predicted = estimate_training_step(model, 64, 32, 32).total
+    assert abs(measured - predicted) <= 0.1 * predicted, (measured, predicted)

@@ -1,0 +1,98 @@
+"""``python -m densenet_efficient plan``: will this model train at this batch
+size in this much memory? Predicted peak per mode, and the largest batch
+that fits (``densenet_efficient.memory.estimate_training_step``)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+from . import models
+from .memory import estimate_training_step
+
+MODES = (("naive", False), ("checkpoint", False), ("efficient", False), ("efficient+recompute", True))
+DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> int:
+    """'16GiB', '80 GB', '1.5TiB', '512MiB' or a byte count, as bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"memory must look like 16GiB, 80GB or 512MiB, got {text!r}")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"memory must be positive, got {text!r}")
+    return int(value)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
+
+
+def model_name(text: str) -> str:
+    try:
+        models.builder(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=model_name, help="e.g. densenet_bc_250_24, densenet121, densenet_bc-148-12")
+    parser.add_argument("--batch", required=True, type=positive_int)
+    parser.add_argument("--memory", required=True, type=parse_memory, help="e.g. 16GiB, 80GB")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16/fp16: autocast training, fp32 parameters")
+    parser.add_argument("--input-size", type=positive_int, help="default: 32 for CIFAR models, 224 otherwise")
+
+
+
+
+def largest_batch(fits, limit: int = 1 << 20) -> int:
+    """The largest batch b with fits(b), fits being monotone; 0 if none."""
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def run(args: argparse.Namespace) -> None:
+    autocast_dtype = DTYPES[args.dtype]
+    with torch.device("meta"):
+        size = args.input_size or (32 if models.builder(args.model)().small_inputs else 224)
+    print(
+        f"{args.model}, batch {args.batch}, {size}x{size}, {args.dtype} training (SGD with momentum), "
+        f"memory {args.memory / 2**30:.2f} GiB"
+    )
+    header = f"{'mode':<22}{'predicted peak':>16}{'fits':>6}{'largest batch':>15}"
+    print(header)
+    print("-" * len(header))
+    for mode_name, recompute in MODES:
+        with torch.device("meta"):  # structure only: nothing is allocated
+            model = models.builder(args.model)(mode=mode_name.split("+")[0], recompute_bottleneck=recompute)
+
+        def peak_at(batch, model=model):
+            return estimate_training_step(model, batch, size, size, autocast_dtype=autocast_dtype).total
+
+        peak = peak_at(args.batch)
+        fits = lambda b: peak_at(b) <= args.memory  # noqa: E731
+        print(f"{mode_name:<22}{peak / 2**30:>12.2f} GiB{'yes' if peak <= args.memory else 'no':>6}{largest_batch(fits):>15}")
+    print(
+        "\nPredicted peak = parameters + gradients + momentum + activations (saved tensors exact, "
+        "transients modelled); convolution workspaces are not included."
+    )

@@ -1,0 +1,96 @@
+"""The command line: ``bench`` (smoke run with a tiny configuration) and
+``plan`` (predictions, largest batch, argument errors)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from densenet_efficient import models
+from densenet_efficient.__main__ import main
+from densenet_efficient.memory import estimate_training_step
+from densenet_efficient.plan import largest_batch, parse_memory
+
+
+def test_bench_smoke_writes_table_json_markdown_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    command = [
+        sys.executable, "-m", "densenet_efficient", "bench", "--device", "cpu",
+        "--models", "densenet_bc-10-4,densenet_bc-16-4", "--modes", "naive,efficient,efficient+recompute",
+        "--batch", "2", "--steps", "2", "--warmup", "1", "--out", str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "efficient+recompute" in done.stdout and "vs naive" in done.stdout
+    report = json.loads((out / "results.json").read_text())
+    assert report["environment"]["device_type"] == "cpu" and report["environment"]["torch"] == torch.__version__
+    rows = report["rows"]
+    assert len(rows) == 6 and all(r["result"] == "ok" for r in rows)
+    for r in rows:  # on CPU the prediction is exact
+        assert r["memory_bytes"] == r["predicted_bytes"] and r["peak_rss_bytes"] > 0 and len(r["step_ms_all"]) == 2
+    naive, efficient = (next(r for r in rows if r["model"] == "densenet_bc-16-4" and r["mode"] == m) for m in ("naive", "efficient"))
+    assert efficient["memory_vs_naive"] < 1 and naive["memory_vs_naive"] == 1
+    assert "| densenet_bc-10-4 | 2 | naive |" in (out / "results.md").read_text()
+    for name in ("memory_vs_depth.png", "step_time_vs_depth.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_records_a_failed_configuration_and_goes_on():
+    from densenet_efficient.bench import run_in_subprocess
+
+    result = run_in_subprocess({"model": "densenet_bc-10-4", "mode": "efficient", "batch": 1, "input_size": 1,
+                                "device": "cpu", "steps": 1, "warmup": 1}, timeout=300)
+    assert result["result"] == "failed" and result["error"]  # one value per channel: BatchNorm refuses
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--modes", "fast"], "unknown modes ['fast']"),
+        (["bench", "--models", "resnet50"], "unknown model 'resnet50'"),
+        (["bench", "--batch", "0"], "batch sizes must be positive"),
+        (["bench", "--device", "cpu", "--max-batch"], "--max-batch searches GPU memory"),
+        (["plan", "--model", "densenet_bc_250_24", "--batch", "64", "--memory", "lots"], "memory must look like 16GiB"),
+        (["plan", "--model", "densenet_bc_250_24", "--batch", "-1", "--memory", "16GiB"], "expected a positive whole number, got -1"),
+        (["plan", "--model", "vgg16", "--batch", "64", "--memory", "16GiB"], "unknown model 'vgg16'"),
+        (["plan", "--model", "densenet121", "--batch", "8"], "the following arguments are required: --memory"),
+    ],
+)
+def test_bad_arguments_exit_with_code_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_memory_units():
+    assert parse_memory("16GiB") == 16 * 2**30
+    assert parse_memory("80 GB") == 80 * 10**9
+    assert parse_memory("1.5TiB") == int(1.5 * 2**40)
+    assert parse_memory("512mib") == 512 * 2**20
+    assert parse_memory("1000") == 1000
+
+
+def test_plan_reports_every_mode_and_the_largest_batch(capsys):
+    main(["plan", "--model", "densenet_bc_250_24", "--batch", "64", "--memory", "16GiB"])
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split() and line.split()[0] in
+             ("naive", "checkpoint", "efficient", "efficient+recompute")}
+    assert set(lines) == {"naive", "checkpoint", "efficient", "efficient+recompute"}
+    memory = 16 * 2**30
+    for mode, cells in lines.items():
+        predicted, fits, largest = float(cells[1]) * 2**30, cells[3], int(cells[4])
+        assert fits == ("yes" if predicted <= memory else "no")
+        with torch.device("meta"):
+            model = models.densenet_bc_250_24(mode=mode.split("+")[0], recompute_bottleneck=mode.endswith("recompute"))
+        assert estimate_training_step(model, largest, 32, 32).total <= memory
+        assert estimate_training_step(model, largest + 1, 32, 32).total > memory
+    assert int(lines["efficient"][4]) > 5 * int(lines["naive"][4])
+
+
+def test_largest_batch_search():
+    assert largest_batch(lambda b: b <= 37) == 37
+    assert largest_batch(lambda b: b <= 1) == 1
+    assert largest_batch(lambda b: False) == 0
