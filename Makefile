@@ -23,7 +23,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 CXX17_TORCH ?= torch==2.11.0
 CXX17_DIR := build/cxx17
 
-.PHONY: test demo build cpu-smoke check-cxx17 check-cuda-arch clean
+.PHONY: test demo bench build cpu-smoke check-cxx17 check-cuda-arch clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ test: build
 
 demo: build
 	$(PY) -m densenet_efficient bench
+
+# CPU micro-benchmarks (pytest-benchmark); the JSON, with machine info, goes
+# to benchmarks/results/.
+bench: build
+	$(PY) -m pytest -q -p no:cacheprovider -o python_files='bench_*.py' benchmarks \
+	  --benchmark-only --benchmark-columns=min,median,max,rounds --benchmark-sort=name \
+	  --benchmark-json=benchmarks/results/cpu-microbench-$$(date -u +%Y-%m-%d).json
 
 # Builds a copy of the tree (so the editable build above is left alone) and
 # runs the smoke test against the installed package, from outside the tree.
