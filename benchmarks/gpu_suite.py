@@ -178,61 +178,26 @@ def stage_kernels(work, quick):
     return rows
 
 
-MODELS = ("densenet_bc_100_12", "densenet_bc_250_24", "densenet_bc_190_40")
-MODES = (("naive", False), ("checkpoint", False), ("efficient", False), ("efficient", True))
-
-
-def bench_model(name, mode, recompute, batch, steps, warmup):
-    import torch
-
-    from densenet_efficient import models
-
-    torch.manual_seed(0)
-    model = getattr(models, name)(mode=mode, recompute_bottleneck=recompute).cuda()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    x = torch.randn(batch, 3, 32, 32, device="cuda")
-    y = torch.randint(0, 10, (batch,), device="cuda")
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    median, samples = cuda_ms(step, repeats=steps, warmup=0)
-    peak = torch.cuda.max_memory_allocated()
-    return {"peak_bytes": peak, "peak_above_state_bytes": peak - before, "step_ms": median,
-            "step_ms_p10": sorted(samples)[len(samples) // 10], "step_ms_p90": sorted(samples)[-1 - len(samples) // 10],
-            "samples_ms": samples}
-
-
 def stage_models(work, quick):
-    import torch
-
-    steps, warmup = (5, 2) if quick else (25, 5)
-    names = MODELS[:1] if quick else MODELS
-    rows = []
-    for name in names:
-        for mode, recompute in MODES:
-            entry = {"model": name, "mode": mode + ("+recompute" if recompute else ""), "batch": 64}
-            try:
-                entry.update(bench_model(name, mode, recompute, 64, steps, warmup))
-            except torch.cuda.OutOfMemoryError:
-                entry["result"] = "OOM"
-            finally:
-                torch.cuda.empty_cache()
-            rows.append(entry)
-            print(json.dumps({k: v for k, v in entry.items() if k != "samples_ms"}), flush=True)
-    for entry in rows:  # ratios to naive of the same model
-        naive = next((r for r in rows if r["model"] == entry["model"] and r["mode"] == "naive" and "step_ms" in r), None)
-        if naive and "step_ms" in entry:
-            entry["step_vs_naive"] = entry["step_ms"] / naive["step_ms"]
-            entry["peak_vs_naive"] = entry["peak_bytes"] / naive["peak_bytes"]
-    return rows
+    """The bench command on the GPU (its CUDA defaults: the paper's CIFAR
+    DenseNet-BC at batch 64 and densenet121/264 at 224x224, every mode), then
+    the largest batch per mode for BC-190-40."""
+    out = work / "bench"
+    command = [sys.executable, "-m", "densenet_efficient", "bench", "--device", "cuda", "--out", str(out)]
+    if quick:
+        command += ["--models", "densenet_bc_100_12", "--modes", "naive,efficient", "--steps", "5", "--warmup", "2"]
+    rc, tail = run(command, "bench.log", work)
+    result = {"rc": rc, "log_tail": tail[-2000:]}
+    if (out / "results.json").exists():
+        result.update(json.loads((out / "results.json").read_text()))
+    if not quick:
+        command = [sys.executable, "-m", "densenet_efficient", "bench", "--device", "cuda", "--models",
+                   "densenet_bc_190_40", "--modes", "naive,checkpoint,efficient,efficient+recompute",
+                   "--steps", "2", "--warmup", "1", "--max-batch", "--out", str(work / "max-batch")]
+        run(command, "max-batch.log", work)
+        if (work / "max-batch" / "results.json").exists():
+            result["max_batch"] = json.loads((work / "max-batch" / "results.json").read_text()).get("max_batch")
+    return result
 
 
 def environment(commit):
@@ -287,16 +252,15 @@ def markdown(report):
                          f"{100 * r['fraction_of_copy']:.0f}% | | |")
         lines.append("")
     if "models" in stages:
-        lines += ["## CIFAR DenseNet-BC, batch 64, float32 (forward + backward + SGD)", "",
-                  "| model | mode | peak MiB | vs naive | step ms (p10–p90) | vs naive |", "|---|---|---|---|---|---|"]
-        for r in stages["models"]:
-            if r.get("result") == "OOM":
-                lines.append(f"| {r['model']} | {r['mode']} | OOM | | | |")
-                continue
-            lines.append(f"| {r['model']} | {r['mode']} | {r['peak_bytes'] / 2**20:.0f} | {r.get('peak_vs_naive', float('nan')):.3f} | "
-                         f"{r['step_ms']:.1f} ({r['step_ms_p10']:.1f}–{r['step_ms_p90']:.1f}) | "
-                         f"{r.get('step_vs_naive', float('nan')):.2f} |")
-        lines.append("")
+        from densenet_efficient.bench import table
+
+        m = stages["models"]
+        lines += ["## Models (python -m densenet_efficient bench --device cuda)", "", f"bench rc {m['rc']}", ""]
+        if m.get("rows"):
+            lines += [table(m["rows"], markdown=True), ""]
+        if m.get("max_batch"):
+            lines += ["Largest batch that runs, densenet_bc_190_40: "
+                      + ", ".join(f"{k} {v}" for k, v in m["max_batch"].items()), ""]
     return "\n".join(lines)
 
 
