@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
@@ -358,14 +359,97 @@ Tensor dropout_backward(const Tensor& grad, const Tensor& mask, double p) {
   return at::native_dropout_backward(grad, mask, p == 1 ? 0.0 : 1.0 / (1.0 - p));
 }
 
+// Synchronised BatchNorm across the ranks of a process group (sync_group is
+// its name, sync_count the number of values per channel over all ranks). The
+// collectives are PyTorch's functional ones, through the dispatcher.
+struct SyncBatchNorm {
+  std::optional<c10::string_view> group;
+  int64_t count = 0;
+
+  bool enabled() const {
+    return group.has_value();
+  }
+
+  // Boxed calls: the argument types of these schemas differ between PyTorch
+  // versions (the group name is `str` in some, `Any` in others).
+  static Tensor call(const char* name, std::vector<c10::IValue> stack) {
+    c10::Dispatcher::singleton().findSchemaOrThrow(name, "").callBoxed(&stack);
+    return stack.at(0).toTensor();
+  }
+
+  Tensor all_reduce_sum(const Tensor& t) const {
+    auto reduced = call(
+        "_c10d_functional::all_reduce",
+        {t.contiguous(), std::string("sum"), std::string(*group)});
+    return call("_c10d_functional::wait_tensor", {reduced});
+  }
+
+  // Chan's merge of every rank's (count, mean, biased variance) with two
+  // all-reduces: the global mean from Σ n·mean, then the global M2 from
+  // Σ (n·var + n·(mean − global mean)²).
+  std::pair<Tensor, Tensor> merge(
+      const Tensor& mean,
+      const Tensor& var,
+      int64_t local_count) const {
+    const double n = static_cast<double>(local_count);
+    // An empty local batch has NaN statistics; it contributes nothing.
+    const auto local_mean = local_count > 0 ? mean : at::zeros_like(mean);
+    const auto local_var = local_count > 0 ? var : at::zeros_like(var);
+    const double total = static_cast<double>(count);
+    const auto global_mean = all_reduce_sum(local_mean * n) / total;
+    const auto m2 = all_reduce_sum(
+        (local_var + (local_mean - global_mean).square()) * n);
+    return {global_mean, m2 / total};
+  }
+};
+
+// Batch statistics of channels [start, start + length) of `features`, merged
+// across ranks when synchronised, into the block's statistics.
 void record_channel_stats(
     const Tensor& features,
     int64_t start,
     int64_t length,
-    BlockStats& stats) {
-  auto [mean, var] = ops::channel_stats(features.narrow(1, start, length));
-  stats.channel_mean.narrow(0, start, length).copy_(mean);
-  stats.channel_var.narrow(0, start, length).copy_(var);
+    const SyncBatchNorm& sync,
+    Tensor& mean_out,
+    Tensor& var_out) {
+  auto slice = features.narrow(1, start, length);
+  auto [mean, var] = ops::channel_stats(slice);
+  if (sync.enabled()) {
+    std::tie(mean, var) = sync.merge(
+        mean, var, slice.size(0) * slice.size(2) * slice.size(3));
+  }
+  mean_out.narrow(0, start, length).copy_(mean);
+  var_out.narrow(0, start, length).copy_(var);
+}
+
+// BN-ReLU backward with statistics of the global batch: the fixed-statistics
+// kernel gives dx₀ = γ·r·g and the local sums dγ = r·Σg(x − μ), dβ = Σg;
+// with their all-reduced values,
+//   dx = dx₀ − γ·r·dβ/M − γ·r²·dγ/M · (x − μ)     (M: global count)
+// (PyTorch's SyncBatchNorm does the same). Parameter gradients stay local:
+// DistributedDataParallel averages them.
+std::tuple<Tensor, Tensor, Tensor> synced_bn_relu_backward(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& mean,
+    const Tensor& invstd,
+    const Tensor& weight,
+    const Tensor& bias,
+    const SyncBatchNorm& sync) {
+  auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
+      grad_output, input, mean, invstd, weight, bias, /*batch_stats=*/false);
+  const auto math = mean.scalar_type();
+  const auto sums = sync.all_reduce_sum(
+      at::stack({grad_weight.to(math), grad_bias.to(math)}));
+  const auto scale = weight.to(math) * invstd / static_cast<double>(sync.count);
+  const auto as_channels = [](const Tensor& v) { return v.view({1, -1, 1, 1}); };
+  const auto correction = as_channels(scale * sums[1]) +
+      as_channels(scale * invstd * sums[0]) *
+          (input.to(math) - as_channels(mean));
+  return {
+      (grad_input.to(math) - correction).to(input.scalar_type()),
+      grad_weight,
+      grad_bias};
 }
 
 using ForwardResult = std::tuple<
@@ -393,7 +477,9 @@ ForwardResult dense_block_forward(
     at::TensorList conv2_weight,
     double dropout_p,
     bool recompute_bottleneck,
-    bool save_for_backward) {
+    bool save_for_backward,
+    std::optional<c10::string_view> sync_group,
+    int64_t sync_count) {
   constexpr const char* op = "dense_block_forward";
   TORCH_CHECK_VALUE(
       input.dim() == 4, op, ": expected a 4-D input [N, C, H, W], got a ",
@@ -417,6 +503,11 @@ ForwardResult dense_block_forward(
       dropout_p >= 0 && dropout_p <= 1, op,
       ": dropout probability has to be between 0 and 1, got ", dropout_p);
   check_batch_rule(op, block, input);
+  const SyncBatchNorm sync{sync_group, sync_count};
+  TORCH_CHECK_VALUE(
+      !sync.enabled() || sync_count > 1, op,
+      ": sync_count (values per channel over all ranks) must exceed 1, got ",
+      sync_count);
 
   const auto batch = input.size(0), height = input.size(2), width = input.size(3);
   const auto num_layers = block.num_layers();
@@ -435,7 +526,9 @@ ForwardResult dense_block_forward(
       at::zeros({num_layers, block.bottleneck_width}, math_options)};
   const bool shared_stats = block.any_norm1_batch_stats();
   if (shared_stats) {
-    record_channel_stats(output, 0, block.num_input_features, stats);
+    record_channel_stats(
+        output, 0, block.num_input_features, sync, stats.channel_mean,
+        stats.channel_var);
   }
 
   auto norm1_scratch = at::empty(
@@ -454,9 +547,9 @@ ForwardResult dense_block_forward(
     if (block.has_bottleneck()) {
       bottleneck = conv1x1(norm1_out, layer.conv1_weight);
       if (layer.norm2.uses_batch_stats()) {
-        auto [mean, var] = ops::channel_stats(bottleneck);
-        stats.bottleneck_mean[l].copy_(mean);
-        stats.bottleneck_var[l].copy_(var);
+        auto mean_out = stats.bottleneck_mean[l], var_out = stats.bottleneck_var[l];
+        record_channel_stats(
+            bottleneck, 0, block.bottleneck_width, sync, mean_out, var_out);
       }
       apply_bn_relu(
           layer.norm2, norm2_normalization(block, l, stats), bottleneck,
@@ -474,7 +567,8 @@ ForwardResult dense_block_forward(
     }
     output.narrow(1, channels, growth).copy_(new_features);
     if (shared_stats && l + 1 < num_layers) {
-      record_channel_stats(output, channels, growth, stats);
+      record_channel_stats(
+          output, channels, growth, sync, stats.channel_mean, stats.channel_var);
     }
     if (save_for_backward && !recompute_bottleneck && bottleneck.defined()) {
       bottlenecks.push_back(std::move(bottleneck));
@@ -520,7 +614,9 @@ BackwardResult dense_block_backward(
     const Tensor& bottleneck_mean,
     const Tensor& bottleneck_var,
     at::TensorList dropout_masks,
-    double dropout_p) {
+    double dropout_p,
+    std::optional<c10::string_view> sync_group,
+    int64_t sync_count) {
   constexpr const char* op = "dense_block_backward";
   TORCH_CHECK_VALUE(
       output.dim() == 4 && !conv1_weight.empty() &&
@@ -564,6 +660,7 @@ BackwardResult dense_block_backward(
   const auto batch = output.size(0), height = output.size(2), width = output.size(3);
   const auto growth = block.growth_rate;
   const BlockStats stats{channel_mean, channel_var, bottleneck_mean, bottleneck_var};
+  const SyncBatchNorm sync{sync_group, sync_count};
   auto grad_features = at::empty(
       output.sizes(), output.options(), at::MemoryFormat::Contiguous);
   grad_features.copy_(grad_output);
@@ -599,9 +696,15 @@ BackwardResult dense_block_backward(
       apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
       auto [grad_norm2_out, grad_conv2] =
           conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
-      auto [grad_bottleneck, grad_weight2, grad_bias2] = ops::bn_relu_backward(
-          grad_norm2_out, bottleneck, norm2.mean, norm2.invstd,
-          layer.norm2.weight, layer.norm2.bias, layer.norm2.uses_batch_stats());
+      auto [grad_bottleneck, grad_weight2, grad_bias2] =
+          sync.enabled() && layer.norm2.uses_batch_stats()
+          ? synced_bn_relu_backward(
+                grad_norm2_out, bottleneck, norm2.mean, norm2.invstd,
+                layer.norm2.weight, layer.norm2.bias, sync)
+          : ops::bn_relu_backward(
+                grad_norm2_out, bottleneck, norm2.mean, norm2.invstd,
+                layer.norm2.weight, layer.norm2.bias,
+                layer.norm2.uses_batch_stats());
       std::tie(grad_norm1_out, grad_conv1_weight[l]) =
           conv_backward(grad_bottleneck, norm1_out, layer.conv1_weight, 0);
       grad_norm2_weight[l] = std::move(grad_weight2);
@@ -612,11 +715,20 @@ BackwardResult dense_block_backward(
           conv_backward(grad_new_features, norm1_out, layer.conv1_weight, 1);
     }
     auto grad_features_in = grad_features.narrow(1, 0, channels);
-    std::tie(grad_norm1_weight[l], grad_norm1_bias[l]) =
-        ops::bn_relu_backward_accumulate(
-            grad_norm1_out, features, norm1.mean, norm1.invstd,
-            layer.norm1.weight, layer.norm1.bias,
-            layer.norm1.uses_batch_stats(), grad_features_in);
+    if (sync.enabled() && layer.norm1.uses_batch_stats()) {
+      Tensor grad_in;
+      std::tie(grad_in, grad_norm1_weight[l], grad_norm1_bias[l]) =
+          synced_bn_relu_backward(
+              grad_norm1_out, features, norm1.mean, norm1.invstd,
+              layer.norm1.weight, layer.norm1.bias, sync);
+      grad_features_in.add_(grad_in);
+    } else {
+      std::tie(grad_norm1_weight[l], grad_norm1_bias[l]) =
+          ops::bn_relu_backward_accumulate(
+              grad_norm1_out, features, norm1.mean, norm1.invstd,
+              layer.norm1.weight, layer.norm1.bias,
+              layer.norm1.uses_batch_stats(), grad_features_in);
+    }
   }
   auto grad_input = grad_features.narrow(1, 0, block.num_input_features)
                         .contiguous();

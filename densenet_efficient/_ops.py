@@ -143,7 +143,7 @@ _DIFFERENTIABLE = ("norm1_weight", "norm1_bias", "conv1_weight", "norm2_weight",
 @torch.library.register_fake(_lib + "dense_block_forward")
 def _(input, norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var, norm1_eps,
       conv1_weight, norm2_weight, norm2_bias, norm2_running_mean, norm2_running_var, norm2_eps,
-      conv2_weight, dropout_p, recompute_bottleneck, save_for_backward):
+      conv2_weight, dropout_p, recompute_bottleneck, save_for_backward, sync_group=None, sync_count=0):
     _fake_4d("dense_block_forward", input)
     batch, in_channels, height, width = input.shape
     num_layers = len(conv1_weight)
@@ -176,7 +176,7 @@ def _(input, norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var, no
 def _(grad_output, output, norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var,
       norm1_eps, conv1_weight, norm2_weight, norm2_bias, norm2_running_mean, norm2_running_var,
       norm2_eps, conv2_weight, bottlenecks, channel_mean, channel_var, bottleneck_mean,
-      bottleneck_var, dropout_masks, dropout_p):
+      bottleneck_var, dropout_masks, dropout_p, sync_group=None, sync_count=0):
     batch, _, height, width = output.shape
     in_channels = conv1_weight[0].shape[1]
     grads = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]  # noqa: E731
@@ -201,7 +201,7 @@ def _no_grad_like(value):
 
 def _block_setup(ctx, inputs, output):
     input, *params = inputs[:13]
-    dropout_p, _recompute, save_for_backward = inputs[13:]
+    dropout_p, _recompute, save_for_backward, sync_group, sync_count = inputs[13:]
     if not save_for_backward:
         raise RuntimeError(
             "dense_block_forward was called with save_for_backward=False while a gradient "
@@ -216,6 +216,7 @@ def _block_setup(ctx, inputs, output):
     ctx.num_bottlenecks = len(bottlenecks)
     ctx.num_masks = len(masks)
     ctx.dropout_p = dropout_p
+    ctx.sync = (sync_group, sync_count)
     ctx.no_grads = {name: _no_grad_like(params[i]) for name, i in _PARAM_LISTS.items() if name not in _DIFFERENTIABLE}
     tensor_lists = [params[i] for name, i in _PARAM_LISTS.items() if not name.endswith("eps")]
     ctx.save_for_backward(
@@ -247,7 +248,7 @@ def _block_backward(ctx, grad_output, *_grads_of_non_differentiable_outputs):
     masks = take(ctx.num_masks)
     grad_input, *param_grads = ops.dense_block_backward(
         grad_output, block_output, *lists.values(), bottlenecks,
-        channel_mean, channel_var, bottleneck_mean, bottleneck_var, masks, ctx.dropout_p,
+        channel_mean, channel_var, bottleneck_mean, bottleneck_var, masks, ctx.dropout_p, *ctx.sync,
     )
     grads = {**ctx.no_grads, **dict(zip(_DIFFERENTIABLE, param_grads))}
     return (
@@ -256,6 +257,8 @@ def _block_backward(ctx, grad_output, *_grads_of_non_differentiable_outputs):
         None,  # dropout_p
         None,  # recompute_bottleneck
         None,  # save_for_backward
+        None,  # sync_group
+        None,  # sync_count
     )
 
 

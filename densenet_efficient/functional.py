@@ -151,10 +151,16 @@ def _dropout_probability(named: list[tuple[str, nn.Module]]) -> float:
     return float(p)
 
 
+def _all_reduce_count(count: int, group: str) -> int:
+    total = torch.ops._c10d_functional.all_reduce(torch.tensor([count], dtype=torch.int64), "sum", group)
+    return int(torch.ops._c10d_functional.wait_tensor(total).item())
+
+
 def dense_block(
     input: Tensor,
     layers: Mapping[str, nn.Module] | Iterable[nn.Module],
     recompute_bottleneck: bool = False,
+    sync_group: str | None = None,
 ) -> Tensor:
     """Runs ``layers`` (torchvision-style dense layers: norm1, relu1, conv1,
     norm2, relu2, conv2, drop_rate) as one efficient dense block.
@@ -171,6 +177,9 @@ def dense_block(
     ``nn.BatchNorm2d`` does under autocast. (Naive mode's ``torch.cat`` would
     promote a float32 block input back to float32; inside a network under
     autocast the input already arrives in the autocast dtype.)
+
+    ``sync_group`` (a process group's name) makes batch statistics those of
+    the global batch over the group's ranks: synchronised BatchNorm.
     """
     named = _named_layers(layers)
     _check_input(input, named)
@@ -204,17 +213,21 @@ def dense_block(
         running(norm2, "running_mean"), running(norm2, "running_var"), [float(n.eps) for n in norm2],
         conv_weights(layer.conv2 for layer in modules if bottleneck),
     )
+    batch, _, height, width = input.shape
+    count = batch * height * width
+    if sync_group is not None:
+        count = _all_reduce_count(count, sync_group)
     # Everything is already in its dtype; autocast must not touch the
     # convolutions inside the operator.
     with torch.autocast(input.device.type, enabled=False):
         output, _, channel_mean, channel_var, bottleneck_mean, bottleneck_var, _ = ops.dense_block_forward(
-            input, *params, dropout_p, recompute_bottleneck, needs_grad
+            input, *params, dropout_p, recompute_bottleneck, needs_grad, sync_group, count if sync_group else 0
         )
-    _update_running_stats(input, modules, channel_mean, channel_var, bottleneck_mean, bottleneck_var)
+    _update_running_stats(count, modules, channel_mean, channel_var, bottleneck_mean, bottleneck_var)
     return output
 
 
-def _update_running_stats(input, layers, channel_mean, channel_var, bottleneck_mean, bottleneck_var) -> None:
+def _update_running_stats(count, layers, channel_mean, channel_var, bottleneck_mean, bottleneck_var) -> None:
     norms, means, variances = [], [], []
     for index, layer in enumerate(layers):
         channels = layer.conv1.in_channels
@@ -228,7 +241,6 @@ def _update_running_stats(input, layers, channel_mean, channel_var, bottleneck_m
                 variances.append(var)
     if not norms:
         return
-    batch, _, height, width = input.shape
     ops.update_running_stats(
         [n.running_mean for n in norms],
         [n.running_var for n in norms],
@@ -236,5 +248,5 @@ def _update_running_stats(input, layers, channel_mean, channel_var, bottleneck_m
         means,
         variances,
         [None if n.momentum is None else float(n.momentum) for n in norms],
-        batch * height * width,
+        count,
     )

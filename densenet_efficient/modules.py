@@ -73,6 +73,10 @@ class DenseBlock(nn.ModuleDict):
     features concatenated (``num_input_features + num_layers * growth_rate``
     channels), exactly as torchvision's ``_DenseBlock``."""
 
+    # A process group's name: efficient mode then normalises by the
+    # statistics of the global batch (see densenet_efficient.sync).
+    sync_group: str | None = None
+
     def __init__(
         self,
         num_layers: int,
@@ -110,7 +114,7 @@ class DenseBlock(nn.ModuleDict):
 
     def forward(self, init_features: Tensor) -> Tensor:
         if self.mode == "efficient":
-            return functional.dense_block(init_features, self, self.recompute_bottleneck)
+            return functional.dense_block(init_features, self, self.recompute_bottleneck, self.sync_group)
         functional.check_block_input(init_features, self)
         return concatenate_dense_features(self.values(), init_features)
 
