@@ -143,7 +143,7 @@ _DIFFERENTIABLE = ("norm1_weight", "norm1_bias", "conv1_weight", "norm2_weight",
 @torch.library.register_fake(_lib + "dense_block_forward")
 def _(input, norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var, norm1_eps,
       conv1_weight, norm2_weight, norm2_bias, norm2_running_mean, norm2_running_var, norm2_eps,
-      conv2_weight, dropout_p, recompute_bottleneck, save_for_backward, sync_group=None, sync_count=0):
+      conv2_weight, dropout_p, recompute_bottleneck, save_for_backward, sync_group, sync_count):
     _fake_4d("dense_block_forward", input)
     batch, in_channels, height, width = input.shape
     num_layers = len(conv1_weight)
@@ -176,7 +176,7 @@ def _(input, norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var, no
 def _(grad_output, output, norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var,
       norm1_eps, conv1_weight, norm2_weight, norm2_bias, norm2_running_mean, norm2_running_var,
       norm2_eps, conv2_weight, bottlenecks, channel_mean, channel_var, bottleneck_mean,
-      bottleneck_var, dropout_masks, dropout_p, sync_group=None, sync_count=0):
+      bottleneck_var, dropout_masks, dropout_p, sync_group, sync_count):
     batch, _, height, width = output.shape
     in_channels = conv1_weight[0].shape[1]
     grads = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]  # noqa: E731

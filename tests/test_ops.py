@@ -238,7 +238,7 @@ def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=
     return (
         x, *norm_args([l.norm1 for l in layers]), [l.conv1.weight for l in layers],
         *norm_args([l.norm2 for l in layers if bn_size]), [l.conv2.weight for l in layers if bn_size],
-        drop_rate if training else 0.0, recompute, requires_grad,
+        drop_rate if training else 0.0, recompute, requires_grad, None, 0,
     )
 
 
@@ -273,7 +273,7 @@ def test_opcheck_dense_block_backward(training, bn_size):
     grad = torch.randn_like(output)
     torch.library.opcheck(
         ops.dense_block_backward.default,
-        (grad, output, *params, bottlenecks, *stats, masks, args[13]),
+        (grad, output, *params, bottlenecks, *stats, masks, args[13], None, 0),
     )
 
 
@@ -308,4 +308,4 @@ def test_block_op_errors_name_expected_and_given():
     with pytest.raises(TypeError, match=r"layer 1 norm1.weight has dtype Float but the input has dtype Double"):
         ops.dense_block_forward(args[0], [args[1][0].float(), args[1][1]], *args[2:])
     with pytest.raises(ValueError, match=r"dropout probability has to be between 0 and 1, got 1.5"):
-        ops.dense_block_forward(*args[:13], 1.5, *args[14:])
+        ops.dense_block_forward(*args[:13], 1.5, *args[14:])  # dropout_p
