@@ -360,14 +360,15 @@ Tensor dropout_backward(const Tensor& grad, const Tensor& mask, double p) {
 }
 
 // Synchronised BatchNorm across the ranks of a process group (sync_group is
-// its name, sync_count the number of values per channel over all ranks). The
-// collectives are PyTorch's functional ones, through the dispatcher.
+// its name, "" for none; sync_count the number of values per channel over all
+// ranks). The collectives are PyTorch's functional ones, through the
+// dispatcher.
 struct SyncBatchNorm {
-  std::optional<c10::string_view> group;
+  c10::string_view group;
   int64_t count = 0;
 
   bool enabled() const {
-    return group.has_value();
+    return !group.empty();
   }
 
   // Boxed calls: the argument types of these schemas differ between PyTorch
@@ -380,7 +381,7 @@ struct SyncBatchNorm {
   Tensor all_reduce_sum(const Tensor& t) const {
     auto reduced = call(
         "_c10d_functional::all_reduce",
-        {t.contiguous(), std::string("sum"), std::string(*group)});
+        {t.contiguous(), std::string("sum"), std::string(group)});
     return call("_c10d_functional::wait_tensor", {reduced});
   }
 
@@ -478,7 +479,7 @@ ForwardResult dense_block_forward(
     double dropout_p,
     bool recompute_bottleneck,
     bool save_for_backward,
-    std::optional<c10::string_view> sync_group,
+    c10::string_view sync_group,
     int64_t sync_count) {
   constexpr const char* op = "dense_block_forward";
   TORCH_CHECK_VALUE(
@@ -615,7 +616,7 @@ BackwardResult dense_block_backward(
     const Tensor& bottleneck_var,
     at::TensorList dropout_masks,
     double dropout_p,
-    std::optional<c10::string_view> sync_group,
+    c10::string_view sync_group,
     int64_t sync_count) {
   constexpr const char* op = "dense_block_backward";
   TORCH_CHECK_VALUE(

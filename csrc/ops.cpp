@@ -8,9 +8,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// No argument has a default: some PyTorch versions drop arguments equal to
-// their defaults before autograd sees them, which would change the number of
-// gradients a backward formula must return.
+// No argument has a default, and none is optional (sync_group "" means not
+// synchronised): some PyTorch versions drop default-valued arguments before
+// autograd sees them, and compiled graphs drop None ones.
 TORCH_LIBRARY(densenet_efficient, m) {
   m.def("channel_stats(Tensor input) -> (Tensor mean, Tensor var)");
   m.def(
@@ -44,7 +44,7 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "Tensor?[] norm2_running_mean, Tensor?[] norm2_running_var, "
       "float[] norm2_eps, Tensor[] conv2_weight, "
       "float dropout_p, bool recompute_bottleneck, bool save_for_backward, "
-      "str? sync_group, int sync_count) "
+      "str sync_group, int sync_count) "
       "-> (Tensor output, Tensor[] bottlenecks, Tensor channel_mean, "
       "Tensor channel_var, Tensor bottleneck_mean, Tensor bottleneck_var, "
       "Tensor[] dropout_masks)",
@@ -59,7 +59,7 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "float[] norm2_eps, Tensor[] conv2_weight, "
       "Tensor[] bottlenecks, Tensor channel_mean, Tensor channel_var, "
       "Tensor bottleneck_mean, Tensor bottleneck_var, "
-      "Tensor[] dropout_masks, float dropout_p, str? sync_group, "
+      "Tensor[] dropout_masks, float dropout_p, str sync_group, "
       "int sync_count) "
       "-> (Tensor grad_input, Tensor[] grad_norm1_weight, "
       "Tensor[] grad_norm1_bias, Tensor[] grad_conv1_weight, "

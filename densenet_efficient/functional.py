@@ -221,7 +221,7 @@ def dense_block(
     # convolutions inside the operator.
     with torch.autocast(input.device.type, enabled=False):
         output, _, channel_mean, channel_var, bottleneck_mean, bottleneck_var, _ = ops.dense_block_forward(
-            input, *params, dropout_p, recompute_bottleneck, needs_grad, sync_group, count if sync_group else 0
+            input, *params, dropout_p, recompute_bottleneck, needs_grad, sync_group or "", count if sync_group else 0
         )
     _update_running_stats(count, modules, channel_mean, channel_var, bottleneck_mean, bottleneck_var)
     return output

@@ -238,7 +238,7 @@ def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=
     return (
         x, *norm_args([l.norm1 for l in layers]), [l.conv1.weight for l in layers],
         *norm_args([l.norm2 for l in layers if bn_size]), [l.conv2.weight for l in layers if bn_size],
-        drop_rate if training else 0.0, recompute, requires_grad, None, 0,
+        drop_rate if training else 0.0, recompute, requires_grad, "", 0,
     )
 
 
@@ -273,7 +273,7 @@ def test_opcheck_dense_block_backward(training, bn_size):
     grad = torch.randn_like(output)
     torch.library.opcheck(
         ops.dense_block_backward.default,
-        (grad, output, *params, bottlenecks, *stats, masks, args[13], None, 0),
+        (grad, output, *params, bottlenecks, *stats, masks, args[13], "", 0),
     )
 
 
