@@ -14,7 +14,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <limits>
 
 namespace densenet_efficient {
 namespace {
@@ -141,251 +140,141 @@ void plane_grad_input(
   }
 }
 
-// Mean and biased variance per channel, two passes (the second over
-// deviations from the mean, so no cancellation between large sums).
-std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& input_) {
-  check_channel_stats_args(input_);
-  const auto input = with_contiguous_planes(input_);
-  const int64_t batch = input.size(0), channels = input.size(1);
-  const int64_t plane_size = input.size(2) * input.size(3);
-  const int64_t count = batch * plane_size;
-  const auto math_options =
-      input.options().dtype(at::toOpMathType(input.scalar_type()));
-  auto mean = at::empty({channels}, math_options);
-  auto var = at::empty({channels}, math_options);
-  if (count == 0) {  // statistics of nothing, as torch.mean/var say
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {mean, var};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_cpu", [&] {
-        using math_t = at::opmath_type<scalar_t>;
-        const auto x = read_planes<scalar_t>(input);
-        auto* mean_out = mean.mutable_data_ptr<math_t>();
-        auto* var_out = var.mutable_data_ptr<math_t>();
-        at::parallel_for(
-            0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
-              for (int64_t c = begin; c < end; ++c) {
-                double sum = 0;
-                for (int64_t n = 0; n < batch; ++n) {
-                  sum += plane_sum<scalar_t, math_t>(x.plane(n, c), plane_size);
+struct CpuKernels {
+  // Mean and biased variance per channel, two passes (the second over
+  // deviations from the mean, so no cancellation between large sums).
+  static void channel_stats(const at::Tensor& input, at::Tensor& mean, at::Tensor& var) {
+    const int64_t batch = input.size(0), channels = input.size(1);
+    const int64_t plane_size = input.size(2) * input.size(3);
+    const int64_t count = batch * plane_size;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_cpu", [&] {
+          using math_t = at::opmath_type<scalar_t>;
+          const auto x = read_planes<scalar_t>(input);
+          auto* mean_out = mean.mutable_data_ptr<math_t>();
+          auto* var_out = var.mutable_data_ptr<math_t>();
+          at::parallel_for(
+              0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
+                for (int64_t c = begin; c < end; ++c) {
+                  double sum = 0;
+                  for (int64_t n = 0; n < batch; ++n) {
+                    sum += plane_sum<scalar_t, math_t>(x.plane(n, c), plane_size);
+                  }
+                  const math_t m = static_cast<math_t>(sum / count);
+                  double squared_deviations = 0;
+                  for (int64_t n = 0; n < batch; ++n) {
+                    squared_deviations += plane_squared_deviations<scalar_t, math_t>(
+                        x.plane(n, c), plane_size, m);
+                  }
+                  mean_out[c] = m;
+                  var_out[c] = static_cast<math_t>(squared_deviations / count);
                 }
-                const math_t m = static_cast<math_t>(sum / count);
-                double squared_deviations = 0;
-                for (int64_t n = 0; n < batch; ++n) {
-                  squared_deviations += plane_squared_deviations<scalar_t, math_t>(
-                      x.plane(n, c), plane_size, m);
+              });
+        });
+  }
+
+  // out = max(0, x * scale + shift) with scale = weight * invstd and
+  // shift = bias - mean * scale (the same affine form as ATen's batch_norm).
+  static void bn_relu(
+      const at::Tensor& input,
+      const ChannelVectors& vectors,
+      const at::Tensor& out) {
+    const int64_t batch = input.size(0), channels = input.size(1);
+    const int64_t plane_size = input.size(2) * input.size(3);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_cpu", [&] {
+          using math_t = at::opmath_type<scalar_t>;
+          const auto x = read_planes<scalar_t>(input);
+          const auto y = write_planes<scalar_t>(out);
+          const auto* m = vectors.mean.const_data_ptr<math_t>();
+          const auto* r = vectors.invstd.const_data_ptr<math_t>();
+          const auto* w = vectors.weight.const_data_ptr<math_t>();
+          const auto* b = vectors.bias.const_data_ptr<math_t>();
+          at::parallel_for(
+              0, batch * channels, grain_for(plane_size),
+              [&](int64_t begin, int64_t end) {
+                for (int64_t i = begin; i < end; ++i) {
+                  const int64_t n = i / channels, c = i % channels;
+                  const math_t scale = w[c] * r[c];
+                  const math_t shift = b[c] - m[c] * scale;
+                  plane_bn_relu<scalar_t, math_t>(
+                      x.plane(n, c), y.plane(n, c), plane_size, scale, shift);
                 }
-                mean_out[c] = m;
-                var_out[c] = static_cast<math_t>(squared_deviations / count);
-              }
-            });
-      });
-  return {mean, var};
-}
-
-// out = max(0, x * scale + shift) with scale = weight * invstd and
-// shift = bias - mean * scale (the same affine form as ATen's batch_norm).
-void bn_relu_out_cpu(
-    const at::Tensor& input_,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const at::Tensor& out) {
-  check_bn_relu_args("bn_relu", input_, mean, invstd, weight, bias);
-  check_like_input("bn_relu", "out", input_, out);
-  if (!has_contiguous_planes(out)) {
-    auto result = at::empty_like(input_, at::MemoryFormat::Contiguous);
-    bn_relu_out_cpu(input_, mean, invstd, weight, bias, result);
-    out.copy_(result);
-    return;
+              });
+        });
   }
-  const auto input = with_contiguous_planes(input_);
-  const int64_t batch = input.size(0), channels = input.size(1);
-  const int64_t plane_size = input.size(2) * input.size(3);
-  if (input.numel() == 0) {
-    return;
-  }
-  const ChannelVectors vectors(input, mean, invstd, weight, bias);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_cpu", [&] {
-        using math_t = at::opmath_type<scalar_t>;
-        const auto x = read_planes<scalar_t>(input);
-        const auto y = write_planes<scalar_t>(out);
-        const auto* m = vectors.mean.const_data_ptr<math_t>();
-        const auto* r = vectors.invstd.const_data_ptr<math_t>();
-        const auto* w = vectors.weight.const_data_ptr<math_t>();
-        const auto* b = vectors.bias.const_data_ptr<math_t>();
-        at::parallel_for(
-            0, batch * channels, grain_for(plane_size),
-            [&](int64_t begin, int64_t end) {
-              for (int64_t i = begin; i < end; ++i) {
-                const int64_t n = i / channels, c = i % channels;
-                const math_t scale = w[c] * r[c];
-                const math_t shift = b[c] - m[c] * scale;
-                plane_bn_relu<scalar_t, math_t>(
-                    x.plane(n, c), y.plane(n, c), plane_size, scale, shift);
-              }
-            });
-      });
-}
 
-at::Tensor bn_relu_cpu(
-    const at::Tensor& input,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias) {
-  auto out = at::empty_like(input, at::MemoryFormat::Contiguous);
-  bn_relu_out_cpu(input, mean, invstd, weight, bias, out);
-  return out;
-}
-
-// Backward of s = relu(y), y = γ·x̂ + β, x̂ = (x − μ)·r, per channel, sums over
-// the M = N·H·W elements of the channel. With g = ds·[y > 0]:
-//   dβ = Σ g,   dγ = Σ g·x̂ = r·Σ g·(x − μ).
-// Fixed statistics (eval): dx = γ·r·g.
-// Batch statistics μ = Σx/M, r = (Σ(x − μ)²/M + ε)^(-1/2): differentiating
-// through μ and r adds −(γ·r/M)·(dβ + x̂·dγ), so
-//   dx = γ·r·(g − dβ/M − (x − μ)·r·dγ/M)
-// which is the formula of ATen's batch_norm_backward with g for ds.
-// `accumulate` adds dx into grad_input instead of overwriting it.
-template <bool accumulate>
-void bn_relu_backward_cpu_impl(
-    const at::Tensor& grad_output_,
-    const at::Tensor& input_,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool batch_stats,
-    const at::Tensor& grad_input,
-    const at::Tensor& grad_weight,
-    const at::Tensor& grad_bias) {
-  const auto input = with_contiguous_planes(input_);
-  const auto grad_output = with_contiguous_planes(grad_output_);
-  const int64_t batch = input.size(0), channels = input.size(1);
-  const int64_t plane_size = input.size(2) * input.size(3);
-  const int64_t count = batch * plane_size;
-  if (count == 0) {  // empty sums; the statistics (NaN) must not leak in
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return;
-  }
-  const ChannelVectors vectors(input, mean, invstd, weight, bias);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cpu",
-      [&] {
-        using math_t = at::opmath_type<scalar_t>;
-        const auto x = read_planes<scalar_t>(input);
-        const auto dy = read_planes<scalar_t>(grad_output);
-        const auto dx = write_planes<scalar_t>(grad_input);
-        const auto* m = vectors.mean.const_data_ptr<math_t>();
-        const auto* r = vectors.invstd.const_data_ptr<math_t>();
-        const auto* w = vectors.weight.const_data_ptr<math_t>();
-        const auto* b = vectors.bias.const_data_ptr<math_t>();
-        auto* dw = grad_weight.mutable_data_ptr<math_t>();
-        auto* db = grad_bias.mutable_data_ptr<math_t>();
-        at::parallel_for(
-            0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
-              for (int64_t c = begin; c < end; ++c) {
-                const math_t scale = w[c] * r[c];
-                const math_t shift = b[c] - m[c] * scale;
-                const math_t mu = m[c];
-                double sum_g = 0, sum_g_centered = 0;
-                for (int64_t n = 0; n < batch; ++n) {
-                  math_t plane_g, plane_g_centered;
-                  plane_grad_sums<scalar_t, math_t>(
-                      dy.plane(n, c), x.plane(n, c), plane_size, scale, shift,
-                      mu, plane_g, plane_g_centered);
-                  sum_g += plane_g;
-                  sum_g_centered += plane_g_centered;
+  // Backward of s = relu(y), y = γ·x̂ + β, x̂ = (x − μ)·r, per channel, sums
+  // over the M = N·H·W elements of the channel. With g = ds·[y > 0]:
+  //   dβ = Σ g,   dγ = Σ g·x̂ = r·Σ g·(x − μ).
+  // Fixed statistics (eval): dx = γ·r·g.
+  // Batch statistics μ = Σx/M, r = (Σ(x − μ)²/M + ε)^(-1/2): differentiating
+  // through μ and r adds −(γ·r/M)·(dβ + x̂·dγ), so
+  //   dx = γ·r·(g − dβ/M − (x − μ)·r·dγ/M)
+  // which is the formula of ATen's batch_norm_backward with g for ds.
+  // `accumulate` adds dx into grad_input instead of overwriting it.
+  template <bool accumulate>
+  static void backward(
+      const at::Tensor& grad_output,
+      const at::Tensor& input,
+      const ChannelVectors& vectors,
+      bool batch_stats,
+      const at::Tensor& grad_input,
+      const at::Tensor& grad_weight,
+      const at::Tensor& grad_bias) {
+    const int64_t batch = input.size(0), channels = input.size(1);
+    const int64_t plane_size = input.size(2) * input.size(3);
+    const int64_t count = batch * plane_size;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cpu",
+        [&] {
+          using math_t = at::opmath_type<scalar_t>;
+          const auto x = read_planes<scalar_t>(input);
+          const auto dy = read_planes<scalar_t>(grad_output);
+          const auto dx = write_planes<scalar_t>(grad_input);
+          const auto* m = vectors.mean.const_data_ptr<math_t>();
+          const auto* r = vectors.invstd.const_data_ptr<math_t>();
+          const auto* w = vectors.weight.const_data_ptr<math_t>();
+          const auto* b = vectors.bias.const_data_ptr<math_t>();
+          auto* dw = grad_weight.mutable_data_ptr<math_t>();
+          auto* db = grad_bias.mutable_data_ptr<math_t>();
+          at::parallel_for(
+              0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
+                for (int64_t c = begin; c < end; ++c) {
+                  const math_t scale = w[c] * r[c];
+                  const math_t shift = b[c] - m[c] * scale;
+                  const math_t mu = m[c];
+                  double sum_g = 0, sum_g_centered = 0;
+                  for (int64_t n = 0; n < batch; ++n) {
+                    math_t plane_g, plane_g_centered;
+                    plane_grad_sums<scalar_t, math_t>(
+                        dy.plane(n, c), x.plane(n, c), plane_size, scale, shift,
+                        mu, plane_g, plane_g_centered);
+                    sum_g += plane_g;
+                    sum_g_centered += plane_g_centered;
+                  }
+                  dw[c] = static_cast<math_t>(sum_g_centered * r[c]);
+                  db[c] = static_cast<math_t>(sum_g);
+                  const math_t mean_g =
+                      batch_stats ? static_cast<math_t>(sum_g / count) : 0;
+                  const math_t centered_coef = batch_stats
+                      ? static_cast<math_t>(sum_g_centered * r[c] * r[c] / count)
+                      : 0;
+                  for (int64_t n = 0; n < batch; ++n) {
+                    plane_grad_input<accumulate, scalar_t, math_t>(
+                        dy.plane(n, c), x.plane(n, c), dx.plane(n, c),
+                        plane_size, scale, shift, mu, mean_g, centered_coef);
+                  }
                 }
-                dw[c] = static_cast<math_t>(sum_g_centered * r[c]);
-                db[c] = static_cast<math_t>(sum_g);
-                const math_t mean_g =
-                    batch_stats ? static_cast<math_t>(sum_g / count) : 0;
-                const math_t centered_coef = batch_stats
-                    ? static_cast<math_t>(sum_g_centered * r[c] * r[c] / count)
-                    : 0;
-                for (int64_t n = 0; n < batch; ++n) {
-                  plane_grad_input<accumulate, scalar_t, math_t>(
-                      dy.plane(n, c), x.plane(n, c), dx.plane(n, c),
-                      plane_size, scale, shift, mu, mean_g, centered_coef);
-                }
-              }
-            });
-      });
-}
-
-std::tuple<at::Tensor, at::Tensor> new_parameter_grads(
-    const at::Tensor& input,
-    int64_t channels) {
-  const auto options =
-      input.options().dtype(at::toOpMathType(input.scalar_type()));
-  return {at::empty({channels}, options), at::empty({channels}, options)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cpu(
-    const at::Tensor& grad_output,
-    const at::Tensor& input,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool batch_stats) {
-  check_bn_relu_args("bn_relu_backward", input, mean, invstd, weight, bias);
-  check_like_input("bn_relu_backward", "grad_output", input, grad_output);
-  auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
-  auto [grad_weight, grad_bias] = new_parameter_grads(input, input.size(1));
-  bn_relu_backward_cpu_impl</*accumulate=*/false>(
-      grad_output, input, mean, invstd, weight, bias, batch_stats, grad_input,
-      grad_weight, grad_bias);
-  return {
-      grad_input, grad_weight.to(weight.scalar_type()),
-      grad_bias.to(bias.scalar_type())};
-}
-
-std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate_cpu(
-    const at::Tensor& grad_output,
-    const at::Tensor& input,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool batch_stats,
-    at::Tensor& grad_input_sum) {
-  check_bn_relu_args(
-      "bn_relu_backward_accumulate", input, mean, invstd, weight, bias);
-  check_like_input(
-      "bn_relu_backward_accumulate", "grad_output", input, grad_output);
-  check_like_input(
-      "bn_relu_backward_accumulate", "grad_input_sum", input, grad_input_sum);
-  auto [grad_weight, grad_bias] = new_parameter_grads(input, input.size(1));
-  if (has_contiguous_planes(grad_input_sum)) {
-    bn_relu_backward_cpu_impl</*accumulate=*/true>(
-        grad_output, input, mean, invstd, weight, bias, batch_stats,
-        grad_input_sum, grad_weight, grad_bias);
-  } else {
-    auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
-    bn_relu_backward_cpu_impl</*accumulate=*/false>(
-        grad_output, input, mean, invstd, weight, bias, batch_stats,
-        grad_input, grad_weight, grad_bias);
-    grad_input_sum.add_(grad_input);
+              });
+        });
   }
-  return {grad_weight.to(weight.scalar_type()), grad_bias.to(bias.scalar_type())};
-}
+};
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(densenet_efficient, CPU, m) {
-  m.impl("channel_stats", &channel_stats_cpu);
-  m.impl("bn_relu", &bn_relu_cpu);
-  m.impl("bn_relu_out", &bn_relu_out_cpu);
-  m.impl("bn_relu_backward", &bn_relu_backward_cpu);
-  m.impl("bn_relu_backward_accumulate", &bn_relu_backward_accumulate_cpu);
+  register_per_channel_ops<CpuKernels>(m);
 }
 
 } // namespace densenet_efficient

@@ -16,9 +16,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
@@ -331,31 +329,6 @@ void channel_stats_launch(const at::Tensor& input, at::Tensor& mean, at::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& input_) {
-  check_channel_stats_args(input_);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  const auto input = with_contiguous_planes(input_);
-  const int64_t channels = input.size(1);
-  const auto math_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  auto mean = at::empty({channels}, math_options);
-  auto var = at::empty({channels}, math_options);
-  if (input.numel() == 0) {  // statistics of nothing, as torch.mean/var say
-    mean.fill_(std::numeric_limits<double>::quiet_NaN());
-    var.fill_(std::numeric_limits<double>::quiet_NaN());
-    return {mean, var};
-  }
-  const int64_t plane_size = input.size(2) * input.size(3);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_cuda", [&] {
-    constexpr int wide = kBytesPerVector / sizeof(scalar_t);
-    if (vector_width<scalar_t>(plane_size, {&input}) == wide) {
-      channel_stats_launch<scalar_t, wide>(input, mean, var);
-    } else {
-      channel_stats_launch<scalar_t, 1>(input, mean, var);
-    }
-  });
-  return {mean, var};
-}
-
 // ---------------------------------------------------------------------------
 // bn_relu: out = max(0, x·scale + shift), scale = γ·invstd, shift = β − μ·scale
 // (ATen's affine form); NaN stays NaN, as torch.relu.
@@ -403,56 +376,6 @@ ChannelAffine<math_t> affine_of(const ChannelVectors& v) {
   return {
       v.mean.const_data_ptr<math_t>(), v.invstd.const_data_ptr<math_t>(),
       v.weight.const_data_ptr<math_t>(), v.bias.const_data_ptr<math_t>()};
-}
-
-void bn_relu_out_cuda(
-    const at::Tensor& input_,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    const at::Tensor& out) {
-  check_bn_relu_args("bn_relu", input_, mean, invstd, weight, bias);
-  check_like_input("bn_relu", "out", input_, out);
-  const c10::cuda::CUDAGuard guard(input_.device());
-  if (!has_contiguous_planes(out)) {
-    auto result = at::empty_like(input_, at::MemoryFormat::Contiguous);
-    bn_relu_out_cuda(input_, mean, invstd, weight, bias, result);
-    out.copy_(result);
-    return;
-  }
-  if (input_.numel() == 0) {
-    return;
-  }
-  const auto input = with_contiguous_planes(input_);
-  const ChannelVectors vectors(input, mean, invstd, weight, bias);
-  const int64_t batch = input.size(0), channels = input.size(1);
-  const int64_t plane_size = input.size(2) * input.size(3);
-  const auto device = input.device().index();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_cuda", [&] {
-    using math_t = at::opmath_type<scalar_t>;
-    constexpr int wide = kBytesPerVector / sizeof(scalar_t);
-    const auto x = planes_of<const scalar_t>(input);
-    const auto y = planes_of<scalar_t>(out);
-    if (vector_width<scalar_t>(plane_size, {&input, &out}) == wide) {
-      launch_for_each_vector(batch, channels, plane_size,
-          BnReluForward<scalar_t, math_t, wide>{x, y, affine_of<math_t>(vectors)}, device);
-    } else {
-      launch_for_each_vector(batch, channels, plane_size,
-          BnReluForward<scalar_t, math_t, 1>{x, y, affine_of<math_t>(vectors)}, device);
-    }
-  });
-}
-
-at::Tensor bn_relu_cuda(
-    const at::Tensor& input,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias) {
-  auto out = at::empty_like(input, at::MemoryFormat::Contiguous);
-  bn_relu_out_cuda(input, mean, invstd, weight, bias, out);
-  return out;
 }
 
 // ---------------------------------------------------------------------------
@@ -619,96 +542,65 @@ void bn_relu_backward_launch(
       input.device().index());
 }
 
-template <bool accumulate>
-void bn_relu_backward_cuda_impl(
-    const at::Tensor& grad_output_,
-    const at::Tensor& input_,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool batch_stats,
-    const at::Tensor& grad_input,
-    const at::Tensor& grad_weight,
-    const at::Tensor& grad_bias) {
-  const auto input = with_contiguous_planes(input_);
-  const auto grad_output = with_contiguous_planes(grad_output_);
-  const int64_t plane_size = input.size(2) * input.size(3);
-  if (input.numel() == 0) {  // empty sums; the statistics (NaN) must not leak in
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return;
+struct CudaKernels {
+  static void channel_stats(const at::Tensor& input, at::Tensor& mean, at::Tensor& var) {
+    const int64_t plane_size = input.size(2) * input.size(3);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_cuda", [&] {
+      constexpr int wide = kBytesPerVector / sizeof(scalar_t);
+      if (vector_width<scalar_t>(plane_size, {&input}) == wide) {
+        channel_stats_launch<scalar_t, wide>(input, mean, var);
+      } else {
+        channel_stats_launch<scalar_t, 1>(input, mean, var);
+      }
+    });
   }
-  const ChannelVectors vectors(input, mean, invstd, weight, bias);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cuda", [&] {
-    constexpr int wide = kBytesPerVector / sizeof(scalar_t);
-    if (vector_width<scalar_t>(plane_size, {&input, &grad_output, &grad_input}) == wide) {
-      bn_relu_backward_launch<scalar_t, wide, accumulate>(
-          grad_output, input, vectors, batch_stats, grad_input, grad_weight, grad_bias);
-    } else {
-      bn_relu_backward_launch<scalar_t, 1, accumulate>(
-          grad_output, input, vectors, batch_stats, grad_input, grad_weight, grad_bias);
-    }
-  });
-}
 
-std::tuple<at::Tensor, at::Tensor> new_parameter_grads(const at::Tensor& input) {
-  const auto options = input.options().dtype(at::toOpMathType(input.scalar_type()));
-  return {at::empty({input.size(1)}, options), at::empty({input.size(1)}, options)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward_cuda(
-    const at::Tensor& grad_output,
-    const at::Tensor& input,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool batch_stats) {
-  check_bn_relu_args("bn_relu_backward", input, mean, invstd, weight, bias);
-  check_like_input("bn_relu_backward", "grad_output", input, grad_output);
-  const c10::cuda::CUDAGuard guard(input.device());
-  auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
-  auto [grad_weight, grad_bias] = new_parameter_grads(input);
-  bn_relu_backward_cuda_impl</*accumulate=*/false>(
-      grad_output, input, mean, invstd, weight, bias, batch_stats, grad_input, grad_weight, grad_bias);
-  return {grad_input, grad_weight.to(weight.scalar_type()), grad_bias.to(bias.scalar_type())};
-}
-
-std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate_cuda(
-    const at::Tensor& grad_output,
-    const at::Tensor& input,
-    const at::Tensor& mean,
-    const at::Tensor& invstd,
-    const at::Tensor& weight,
-    const at::Tensor& bias,
-    bool batch_stats,
-    at::Tensor& grad_input_sum) {
-  check_bn_relu_args("bn_relu_backward_accumulate", input, mean, invstd, weight, bias);
-  check_like_input("bn_relu_backward_accumulate", "grad_output", input, grad_output);
-  check_like_input("bn_relu_backward_accumulate", "grad_input_sum", input, grad_input_sum);
-  const c10::cuda::CUDAGuard guard(input.device());
-  auto [grad_weight, grad_bias] = new_parameter_grads(input);
-  if (has_contiguous_planes(grad_input_sum)) {
-    bn_relu_backward_cuda_impl</*accumulate=*/true>(
-        grad_output, input, mean, invstd, weight, bias, batch_stats, grad_input_sum, grad_weight, grad_bias);
-  } else {
-    auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
-    bn_relu_backward_cuda_impl</*accumulate=*/false>(
-        grad_output, input, mean, invstd, weight, bias, batch_stats, grad_input, grad_weight, grad_bias);
-    grad_input_sum.add_(grad_input);
+  static void bn_relu(const at::Tensor& input, const ChannelVectors& vectors, const at::Tensor& out) {
+    const int64_t batch = input.size(0), channels = input.size(1);
+    const int64_t plane_size = input.size(2) * input.size(3);
+    const auto device = input.device().index();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_cuda", [&] {
+      using math_t = at::opmath_type<scalar_t>;
+      constexpr int wide = kBytesPerVector / sizeof(scalar_t);
+      const auto x = planes_of<const scalar_t>(input);
+      const auto y = planes_of<scalar_t>(out);
+      if (vector_width<scalar_t>(plane_size, {&input, &out}) == wide) {
+        launch_for_each_vector(batch, channels, plane_size,
+            BnReluForward<scalar_t, math_t, wide>{x, y, affine_of<math_t>(vectors)}, device);
+      } else {
+        launch_for_each_vector(batch, channels, plane_size,
+            BnReluForward<scalar_t, math_t, 1>{x, y, affine_of<math_t>(vectors)}, device);
+      }
+    });
   }
-  return {grad_weight.to(weight.scalar_type()), grad_bias.to(bias.scalar_type())};
-}
+
+  template <bool accumulate>
+  static void backward(
+      const at::Tensor& grad_output,
+      const at::Tensor& input,
+      const ChannelVectors& vectors,
+      bool batch_stats,
+      const at::Tensor& grad_input,
+      const at::Tensor& grad_weight,
+      const at::Tensor& grad_bias) {
+    const int64_t plane_size = input.size(2) * input.size(3);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cuda", [&] {
+      constexpr int wide = kBytesPerVector / sizeof(scalar_t);
+      if (vector_width<scalar_t>(plane_size, {&input, &grad_output, &grad_input}) == wide) {
+        bn_relu_backward_launch<scalar_t, wide, accumulate>(
+            grad_output, input, vectors, batch_stats, grad_input, grad_weight, grad_bias);
+      } else {
+        bn_relu_backward_launch<scalar_t, 1, accumulate>(
+            grad_output, input, vectors, batch_stats, grad_input, grad_weight, grad_bias);
+      }
+    });
+  }
+};
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(densenet_efficient, CUDA, m) {
-  m.impl("channel_stats", &channel_stats_cuda);
-  m.impl("bn_relu", &bn_relu_cuda);
-  m.impl("bn_relu_out", &bn_relu_out_cuda);
-  m.impl("bn_relu_backward", &bn_relu_backward_cuda);
-  m.impl("bn_relu_backward_accumulate", &bn_relu_backward_accumulate_cuda);
+  register_per_channel_ops<CudaKernels>(m);
 }
 
 } // namespace densenet_efficient
