@@ -4,16 +4,15 @@ global batch over a process group's ranks.
 Efficient-mode dense blocks synchronise inside their operator (their
 ``sync_group``): statistics are merged across ranks with Chan's formula and
 backward all-reduces the two per-channel gradient sums, as PyTorch's
-SyncBatchNorm does. Every other BatchNorm becomes ``SyncBatchNorm2d`` below,
-which does the same with differentiable all-reduces and, unlike
-``nn.SyncBatchNorm``, also runs on CPU (gloo).
+SyncBatchNorm does. Every other BatchNorm becomes ``nn.SyncBatchNorm`` on the
+devices it supports (CUDA) and ``SyncBatchNorm2d`` below on CPU (gloo), which
+``nn.SyncBatchNorm`` refuses; it does the same with differentiable all-reduces.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn.functional import all_reduce
 
@@ -33,14 +32,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     @classmethod
     def from_batch_norm(cls, norm: nn.BatchNorm2d, group=None) -> "SyncBatchNorm2d":
         """The same Parameter and buffer objects, synchronised."""
-        synced = cls(norm.num_features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats,
-                     group=group, device="meta")
-        for name in ("weight", "bias"):
-            setattr(synced, name, getattr(norm, name))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            setattr(synced, name, getattr(norm, name))
-        synced.train(norm.training)
-        return synced
+        return _sharing_tensors(cls(norm.num_features, norm.eps, norm.momentum, norm.affine,
+                                    norm.track_running_stats, group=group, device="meta"), norm)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         uses_batch_stats = self.training or self.running_mean is None
@@ -70,11 +63,32 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return out.to(input.dtype)
 
 
+def _sharing_tensors(synced: nn.modules.batchnorm._BatchNorm, norm: nn.BatchNorm2d):
+    """`synced` holding `norm`'s Parameter and buffer objects (an optimizer built
+    before keeps updating them), in `norm`'s train/eval state."""
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(synced, name, getattr(norm, name))
+    return synced.train(norm.training)
+
+
+def _synchronized(norm: nn.BatchNorm2d, group: dist.ProcessGroup) -> nn.Module:
+    if norm.running_mean is not None:
+        device = norm.running_mean.device
+    elif norm.weight is not None:
+        device = norm.weight.device
+    else:
+        device = torch.device("cpu")
+    if device.type == "cpu":
+        return SyncBatchNorm2d.from_batch_norm(norm, group)
+    return _sharing_tensors(nn.SyncBatchNorm(norm.num_features, norm.eps, norm.momentum, norm.affine,
+                                             norm.track_running_stats, process_group=group, device="meta"), norm)
+
+
 def synchronize_batch_norm(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
     """Synchronises every BatchNorm of `model` over `group` (default: the
     world), in place: efficient-mode dense blocks through their operator, every
-    other ``nn.BatchNorm2d`` by becoming a ``SyncBatchNorm2d`` with the same
-    parameters and buffers. Returns `model`."""
+    other ``nn.BatchNorm2d`` by becoming an ``nn.SyncBatchNorm`` (CPU:
+    ``SyncBatchNorm2d``) with the same parameters and buffers. Returns `model`."""
     group = group or dist.group.WORLD
     efficient = [m for m in model.modules() if isinstance(m, DenseBlock) and m.mode == "efficient"]
     inside_efficient = {id(n) for block in efficient for n in block.modules() if isinstance(n, nn.BatchNorm2d)}
@@ -83,5 +97,5 @@ def synchronize_batch_norm(model: nn.Module, group: dist.ProcessGroup | None = N
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.BatchNorm2d and id(child) not in inside_efficient:
-                setattr(parent, name, SyncBatchNorm2d.from_batch_norm(child, group))
+                setattr(parent, name, _synchronized(child, group))
     return model

@@ -13,6 +13,14 @@ from densenet_efficient.reference import ReferenceDenseBlock
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture
+def one_rank_world():
+    """A default process group of this process alone (gloo), for the duration of a test."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
 def randomize_norms(module: nn.Module, generator: torch.Generator) -> None:
     """Non-trivial BN affine parameters and running statistics, so a test
     cannot pass with an identity BatchNorm."""

@@ -8,7 +8,9 @@ import torch
 from conftest import assert_results_close, make_pair, rel_error, step_results
 from densenet_efficient import reference
 from densenet_efficient._ops import ops
+from densenet_efficient import models
 from densenet_efficient.memory import dense_block_peak_bytes
+from densenet_efficient.sync import synchronize_batch_norm
 
 pytestmark = [
     pytest.mark.cuda,
@@ -269,3 +271,20 @@ def test_training_step_peak_within_ten_percent_of_the_estimate(mode, recompute):
     measured = torch.cuda.max_memory_allocated() - inputs
     predicted = estimate_training_step(model, 64, 32, 32).total
     assert abs(measured - predicted) <= 0.1 * predicted, (measured, predicted)
+
+
+def test_synchronize_batch_norm_uses_torch_sync_batch_norm_on_cuda(one_rank_world):
+    torch.manual_seed(0)
+    model = models.densenet_bc(16, 4, mode="naive").cuda()
+    norms = [n for n, m in model.named_modules() if type(m) is torch.nn.BatchNorm2d]
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    synchronize_batch_norm(model)
+    modules = dict(model.named_modules())
+    assert norms and all(type(modules[n]) is torch.nn.SyncBatchNorm for n in norms)
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert now.keys() == tensors.keys() and all(now[n] is t for n, t in tensors.items())
+    torch.manual_seed(0)
+    plain = models.densenet_bc(16, 4, mode="naive").cuda()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    assert rel_error(model(x), plain(x)) <= 1e-5
+    assert rel_error(modules[norms[0]].running_mean, dict(plain.named_buffers())[f"{norms[0]}.running_mean"]) <= 1e-5

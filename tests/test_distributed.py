@@ -96,7 +96,7 @@ def _sync_step(rank, out, mode, batch_per_rank):
         torch.save(_state(model), f"{out}/synced.pt")
 
 
-@pytest.mark.parametrize("mode", ["efficient", "naive"])
+@pytest.mark.parametrize("mode", ["efficient", "naive", "checkpoint"])
 def test_sync_bn_two_ranks_equal_one_process_on_the_double_batch(tmp_path, mode):
     batch_per_rank = 3
     spawn(_sync_step, str(tmp_path), mode, batch_per_rank)
@@ -108,6 +108,24 @@ def test_sync_bn_two_ranks_equal_one_process_on_the_double_batch(tmp_path, mode)
     for kind in ("params", "buffers"):
         for name, value in expected[kind].items():
             assert rel_error(synced[kind][name], value) <= 1e-10, (kind, name)
+
+
+def test_synchronize_batch_norm_keeps_the_parameter_and_buffer_objects(one_rank_world):
+    torch.manual_seed(0)
+    model = models.densenet_bc(16, 4, mode="naive")
+    norms = [n for n, m in model.named_modules() if type(m) is torch.nn.BatchNorm2d]
+    tensors = dict([*model.named_parameters(), *model.named_buffers()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    synchronize_batch_norm(model)
+    modules = dict(model.named_modules())
+    assert norms and all(type(modules[n]).__name__ == "SyncBatchNorm2d" for n in norms)
+    now = dict([*model.named_parameters(), *model.named_buffers()])
+    assert now.keys() == tensors.keys() and all(now[n] is t for n, t in tensors.items())
+    before = {n: t.clone() for n, t in tensors.items()}
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    assert not torch.equal(tensors[f"{norms[0]}.weight"], before[f"{norms[0]}.weight"])
+    assert not torch.equal(tensors[f"{norms[0]}.running_mean"], before[f"{norms[0]}.running_mean"])
 
 
 def test_without_sync_bn_the_two_differ(tmp_path):
