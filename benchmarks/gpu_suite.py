@@ -2,7 +2,7 @@
 preinstalled and no network:
 
     python3 benchmarks/gpu_suite.py [--stages build,tests,sanitizer,kernels,models] [--quick]
-                                    [--commit SHA] [--out DIR]
+                                    [--bench-args "..."] [--tag NAME] [--commit SHA] [--out DIR]
 
 Stages (each recorded even when it fails; later stages still run):
   build      pip install --no-build-isolation -e . for this GPU's architecture
@@ -15,8 +15,11 @@ Stages (each recorded even when it fails; later stages still run):
              time (forward + backward + SGD, CUDA events, >= 20 timed steps after warm-up);
              OOM is recorded as OOM
 
-Writes benchmarks/results/<UTC date>-<device>.json and .md (device, torch, CUDA, cuDNN,
-commit, date, raw numbers), and copies them into --out (default: $OUT when set).
+Writes benchmarks/results/<UTC date>-<device>[-<tag>].json and .md (device, torch, CUDA,
+cuDNN, commit, date, raw numbers, seconds per stage), and copies them into --out (default:
+$OUT when set) after every stage, so a run killed at a time limit keeps the stages it finished.
+Where one run would take too long, split it: e.g. `--stages build,tests,sanitizer,kernels
+--tag checks`, then `--stages build,models --tag models --bench-args "--models densenet_bc_250_24"`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ import os
 import shutil
 import statistics
 import subprocess
+import shlex
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -79,17 +84,19 @@ def stage_tests(work):
     junit = work / "junit.xml"
     rc, tail = run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider",
                     f"--junitxml={junit}", "tests"], "tests.log", work)
-    result = {"rc": rc, "log_tail": tail[-2500:]}
-    if junit.exists():
-        root = ET.parse(junit).getroot()
-        suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-        for key in ("tests", "failures", "errors", "skipped"):
-            result[key] = sum(int(s.get(key, 0)) for s in suites)
-        cuda_cases = [c for c in root.iter("testcase") if "cuda" in (c.get("classname", "") + c.get("name", ""))]
-        result["cuda_cases"] = len(cuda_cases)
-        result["cuda_failed"] = [c.get("classname") + "::" + c.get("name") for c in cuda_cases
-                                 if c.find("failure") is not None or c.find("error") is not None]
-        result["cuda_skipped"] = sum(1 for c in cuda_cases if c.find("skipped") is not None)
+    return {"rc": rc, "log_tail": tail[-2500:], **(junit_summary(junit) if junit.exists() else {})}
+
+
+def junit_summary(junit):
+    """Counts of a pytest JUnit file, and of its CUDA cases (by name) those failed and skipped."""
+    root = ET.parse(junit).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    result = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
+    cuda_cases = [c for c in root.iter("testcase") if "cuda" in (c.get("classname", "") + c.get("name", ""))]
+    result["cuda_cases"] = len(cuda_cases)
+    result["cuda_failed"] = [c.get("classname") + "::" + c.get("name") for c in cuda_cases
+                             if c.find("failure") is not None or c.find("error") is not None]
+    result["cuda_skipped"] = sum(1 for c in cuda_cases if c.find("skipped") is not None)
     return result
 
 
@@ -178,19 +185,21 @@ def stage_kernels(work, quick):
     return rows
 
 
-def stage_models(work, quick):
+def stage_models(work, quick, bench_args):
     """The bench command on the GPU (its CUDA defaults: the paper's CIFAR
-    DenseNet-BC at batch 64 and densenet121/264 at 224x224, every mode), then
-    the largest batch per mode for BC-190-40."""
+    DenseNet-BC at batch 64 and densenet121/264 at 224x224, every mode; or
+    `bench_args`), then, with no `bench_args`, the largest batch per mode for
+    BC-190-40."""
     out = work / "bench"
     command = [sys.executable, "-m", "densenet_efficient", "bench", "--device", "cuda", "--out", str(out)]
     if quick:
         command += ["--models", "densenet_bc_100_12", "--modes", "naive,efficient", "--steps", "5", "--warmup", "2"]
+    command += bench_args
     rc, tail = run(command, "bench.log", work)
-    result = {"rc": rc, "log_tail": tail[-2000:]}
+    result = {"rc": rc, "command": shlex.join(command[1:]), "log_tail": tail[-2000:]}
     if (out / "results.json").exists():
         result.update(json.loads((out / "results.json").read_text()))
-    if not quick:
+    if not quick and not bench_args:
         command = [sys.executable, "-m", "densenet_efficient", "bench", "--device", "cuda", "--models",
                    "densenet_bc_190_40", "--modes", "naive,checkpoint,efficient,efficient+recompute",
                    "--steps", "2", "--warmup", "1", "--max-batch", "--out", str(work / "max-batch")]
@@ -230,6 +239,7 @@ def markdown(report):
              f"commit `{env['commit']}`, torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, "
              f"Python {env['python']}", ""]
     stages = report["stages"]
+    lines += ["seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()), ""]
     if "build" in stages:
         lines += [f"**build**: rc {stages['build']['rc']} (arch {stages['build']['arch']})", ""]
     if "tests" in stages:
@@ -255,7 +265,7 @@ def markdown(report):
         from densenet_efficient.bench import table
 
         m = stages["models"]
-        lines += ["## Models (python -m densenet_efficient bench --device cuda)", "", f"bench rc {m['rc']}", ""]
+        lines += ["## Models", "", f"`python {m['command']}`: rc {m['rc']}", ""]
         if m.get("rows"):
             lines += [table(m["rows"], markdown=True), ""]
         if m.get("max_batch"):
@@ -264,10 +274,22 @@ def markdown(report):
     return "\n".join(lines)
 
 
+def write(report, stem, out, results=RESULTS):
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    (results / f"{stem}.md").write_text(markdown(report))
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        for suffix in (".json", ".md"):
+            shutil.copy(results / f"{stem}{suffix}", Path(out) / f"{stem}{suffix}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stages", default=",".join(ALL_STAGES))
     parser.add_argument("--quick", action="store_true", help="small shapes and few steps (a smoke run)")
+    parser.add_argument("--bench-args", default="", help="extra arguments for the models stage's bench command")
+    parser.add_argument("--tag", help="suffix of the results files' names (for a run split into parts)")
     parser.add_argument("--commit", help="commit to record (default: git rev-parse HEAD)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="also copy the results here")
     args = parser.parse_args(argv)
@@ -275,6 +297,8 @@ def main(argv=None):
     unknown = set(stages) - set(ALL_STAGES)
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; choose from {ALL_STAGES}")
+    if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--tag takes letters, digits, '-' and '_'; got {args.tag!r}")
 
     import torch
 
@@ -282,27 +306,24 @@ def main(argv=None):
         sys.exit("gpu_suite: no CUDA GPU visible")
     work = ROOT / "build" / "gpu_suite"
     work.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment(args.commit), "quick": args.quick, "stages": {}}
+    report = {"environment": environment(args.commit), "quick": args.quick, "stages": {}, "seconds": {}}
+    device = report["environment"]["device"].replace(" ", "-")
+    stem = "-".join([report["environment"]["date_utc"][:10], device]
+                    + (["quick"] if args.quick else []) + ([args.tag] if args.tag else []))
+    runners = {
+        "build": lambda: stage_build(work),
+        "tests": lambda: stage_tests(work),
+        "sanitizer": lambda: stage_sanitizer(work),
+        # kernels and models import the extension: they run after the build
+        "kernels": lambda: stage_kernels(work, args.quick),
+        "models": lambda: stage_models(work, args.quick, shlex.split(args.bench_args)),
+    }
     for stage in stages:
         print(f"=== {stage}", flush=True)
-        if stage == "build":
-            report["stages"][stage] = stage_build(work)
-        elif stage == "tests":
-            report["stages"][stage] = stage_tests(work)
-        elif stage == "sanitizer":
-            report["stages"][stage] = stage_sanitizer(work)
-        else:  # kernels and models run here, after the build
-            report["stages"][stage] = {"kernels": stage_kernels, "models": stage_models}[stage](work, args.quick)
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    device = report["environment"]["device"].replace(" ", "-")
-    stem = f"{report['environment']['date_utc'][:10]}-{device}" + ("-quick" if args.quick else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / f"{stem}.md").write_text(markdown(report))
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        for suffix in (".json", ".md"):
-            shutil.copy(RESULTS / f"{stem}{suffix}", Path(args.out) / f"{stem}{suffix}")
+        started = time.monotonic()
+        report["stages"][stage] = runners[stage]()
+        report["seconds"][stage] = time.monotonic() - started
+        write(report, stem, args.out)
     print(markdown(report))
 
 
