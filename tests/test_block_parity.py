@@ -22,6 +22,15 @@ SHAPES = [
 ]
 
 
+def assert_one_step_parity(ours, reference, input_shape, out_channels):
+    """One forward/backward of both blocks on the same random float64 input
+    and output gradient: every result within FLOAT64_TOL."""
+    batch, _, height, width = input_shape
+    x = torch.randn(input_shape, dtype=torch.float64)
+    grad = torch.randn(batch, out_channels, height, width, dtype=torch.float64)
+    assert_results_close(step_results(ours, x, grad), step_results(reference, x, grad), FLOAT64_TOL)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3], ids=["no-dropout", "dropout"])
@@ -31,9 +40,7 @@ def test_one_step_matches_reference_float64(shape, training, drop_rate, recomput
     ours, reference = make_pair(num_layers, c0, k, bn_size, drop_rate, recompute_bottleneck=recompute)
     ours.train(training)
     reference.train(training)
-    x = torch.randn(batch, c0, height, width, dtype=torch.float64)
-    grad = torch.randn(batch, c0 + num_layers * k, height, width, dtype=torch.float64)
-    assert_results_close(step_results(ours, x, grad), step_results(reference, x, grad), FLOAT64_TOL)
+    assert_one_step_parity(ours, reference, (batch, c0, height, width), out_channels=c0 + num_layers * k)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -159,9 +166,7 @@ def test_frozen_batchnorm_fine_tuning():
     ours, reference = make_pair(3, 4, 2)
     ours.eval()
     reference.eval()
-    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
-    grad = torch.randn(3, 10, 5, 5, dtype=torch.float64)
-    assert_results_close(step_results(ours, x, grad), step_results(reference, x, grad), FLOAT64_TOL)
+    assert_one_step_parity(ours, reference, (3, 4, 5, 5), out_channels=10)
 
 
 def test_some_norms_frozen_while_training():
@@ -170,9 +175,7 @@ def test_some_norms_frozen_while_training():
     for block in (ours, reference):
         block.denselayer2.norm1.eval()
         block.denselayer3.norm2.eval()
-    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
-    grad = torch.randn(3, 10, 5, 5, dtype=torch.float64)
-    assert_results_close(step_results(ours, x, grad), step_results(reference, x, grad), FLOAT64_TOL)
+    assert_one_step_parity(ours, reference, (3, 4, 5, 5), out_channels=10)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -188,9 +191,7 @@ def test_norms_without_running_statistics(training):
         return block.train(training)
 
     ours, reference = (untracked(m) for m in make_pair(2, 4, 3))
-    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
-    grad = torch.randn(3, 10, 5, 5, dtype=torch.float64)
-    assert_results_close(step_results(ours, x, grad), step_results(reference, x, grad), FLOAT64_TOL)
+    assert_one_step_parity(ours, reference, (3, 4, 5, 5), out_channels=10)
 
 
 def test_eps_is_per_norm():
@@ -198,9 +199,7 @@ def test_eps_is_per_norm():
     for block in (ours, reference):
         block.denselayer1.norm1.eps = 1e-2
         block.denselayer2.norm2.eps = 0.5
-    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
-    grad = torch.randn(3, 10, 5, 5, dtype=torch.float64)
-    assert_results_close(step_results(ours, x, grad), step_results(reference, x, grad), FLOAT64_TOL)
+    assert_one_step_parity(ours, reference, (3, 4, 5, 5), out_channels=10)
 
 
 @pytest.mark.parametrize("mode", de.MODES)
