@@ -91,11 +91,17 @@ struct PerChannelOps {
     check_bn_relu_args("bn_relu", input_, mean, invstd, weight, bias);
     check_like_input("bn_relu", "out", input_, out);
     const c10::DeviceGuard guard(input_.device());
-    if (!has_contiguous_planes(out)) {
-      out.copy_(bn_relu(input_, mean, invstd, weight, bias));
-    } else if (input_.numel() > 0) {
-      const auto input = with_contiguous_planes(input_);
-      Kernels::bn_relu(input, ChannelVectors(input, mean, invstd, weight, bias), out);
+    if (input_.numel() == 0) {
+      return;
+    }
+    const auto input = with_contiguous_planes(input_);
+    const ChannelVectors vectors(input, mean, invstd, weight, bias);
+    if (has_contiguous_planes(out)) {
+      Kernels::bn_relu(input, vectors, out);
+    } else {
+      const auto planes = at::empty_like(input, at::MemoryFormat::Contiguous);
+      Kernels::bn_relu(input, vectors, planes);
+      out.copy_(planes);
     }
   }
 

@@ -72,13 +72,8 @@ def _sharing_tensors(synced: nn.modules.batchnorm._BatchNorm, norm: nn.BatchNorm
 
 
 def _synchronized(norm: nn.BatchNorm2d, group: dist.ProcessGroup) -> nn.Module:
-    if norm.running_mean is not None:
-        device = norm.running_mean.device
-    elif norm.weight is not None:
-        device = norm.weight.device
-    else:
-        device = torch.device("cpu")
-    if device.type == "cpu":
+    tensors = [t for t in (norm.running_mean, norm.weight) if t is not None]
+    if not tensors or tensors[0].device.type == "cpu":
         return SyncBatchNorm2d.from_batch_norm(norm, group)
     return _sharing_tensors(nn.SyncBatchNorm(norm.num_features, norm.eps, norm.momentum, norm.affine,
                                              norm.track_running_stats, process_group=group, device="meta"), norm)
