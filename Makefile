@@ -17,9 +17,9 @@ CPU_TORCH ?= torch==2.13.0
 CPU_SRC := build/cpu-only-src
 # The suites that need nothing beyond torch, numpy and pytest: run against the
 # CPU-only build too, since PyTorch versions differ in their operator plumbing.
-CPU_TESTS := test_smoke.py test_block_parity.py test_ops.py test_memory.py test_amp.py test_errors.py test_block_gradcheck.py
+CPU_TESTS := test_smoke.py test_block_parity.py test_ops.py test_memory.py test_amp.py test_errors.py test_block_gradcheck.py test_launch_plan.py test_operator_count.py
 
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
 # torch 2.11 (the GPU machine's) builds extensions as C++17; the torch here
 # needs C++20. This compiles every C++ source as C++17 against 2.11's headers.
@@ -73,8 +73,10 @@ check-cxx17: $(VENV)/.installed
 	set -e; includes="-I$(CXX17_DIR)/torch/include -I$(CXX17_DIR)/torch/include/torch/csrc/api/include \
 	  -I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")"; \
 	for f in csrc/*.cpp csrc/cpu/*.cpp; do $(CXX) -std=c++17 -fsyntax-only -fopenmp $$includes $$f; done; \
-	if [ -x $(CUDA_HOME)/bin/nvcc ]; then for f in $(wildcard csrc/cuda/*.cu); do \
-	  $(CUDA_HOME)/bin/nvcc -std=c++17 -arch=sm_90 -c $$f -o $(CXX17_DIR)/cuda-check.o $$includes; done; fi
+	if [ -x $(CUDA_HOME)/bin/nvcc ]; then \
+	  cuda_libraries=$$(ls -d $$($(PY) -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")/nvidia/*/include | sed 's/^/-I/'); \
+	  for f in $(wildcard csrc/cuda/*.cu); do \
+	  $(CUDA_HOME)/bin/nvcc -std=c++17 -arch=sm_90 -c $$f -o $(CXX17_DIR)/cuda-check.o $$includes $$cuda_libraries; done; fi
 	@echo "C++17 against $(CXX17_TORCH) headers: ok"
 
 # The built extension must carry machine code for every architecture asked for.

@@ -37,6 +37,14 @@ def _want_cuda():
     return cuda_possible
 
 
+def _cuda_library_includes():
+    """The CUDA library headers (cuBLAS, cuSPARSE, ...) that ATen's CUDA
+    context header includes, where pip installed them next to torch: a CUDA
+    toolkit may ship nvcc without them."""
+    nvidia = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    return sorted(glob.glob(os.path.join(nvidia, "*", "include")))
+
+
 def _extension():
     cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
@@ -45,6 +53,7 @@ def _extension():
         return cpp_extension.CUDAExtension(
             "densenet_efficient._C",
             sources + cuda_sources,
+            include_dirs=_cuda_library_includes(),
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )

@@ -141,21 +141,24 @@ def kernel_rows(shape, dtype):
     weight = torch.rand(channels, device="cuda") + 0.5
     bias = torch.randn(channels, device="cuda") * 0.1
     mean, var = ops.channel_stats(x)
-    invstd = torch.rsqrt(var + 1e-5)
+    invstd = torch.rsqrt(var + 1e-5)  # ATen's backward takes it
+    mean_out, var_out = torch.empty_like(mean), torch.empty_like(var)
     grad, out, grad_sum = torch.randn_like(x), torch.empty_like(x), torch.zeros_like(x)
     copy_gbps = 2 * nbytes / cuda_ms(lambda: out.copy_(x))[0] / 1e6
     aten_weight, aten_bias = weight.to(dtype), bias.to(dtype)  # ATen wants one dtype throughout
     cases = [
         ("channel_stats", lambda: ops.channel_stats(x), nbytes,
          "var_mean", lambda: torch.var_mean(x, dim=(0, 2, 3))),
-        ("bn_relu_out (forward)", lambda: ops.bn_relu_out(x, mean, invstd, weight, bias, out), 2 * nbytes,
+        ("copy_with_stats", lambda: ops.copy_with_stats(x, out, mean_out, var_out), 2 * nbytes,
+         "copy_+var_mean", lambda: (out.copy_(x), torch.var_mean(out, dim=(0, 2, 3)))),
+        ("bn_relu_out (forward)", lambda: ops.bn_relu_out(x, mean, var, weight, bias, 1e-5, out), 2 * nbytes,
          "batch_norm(training)+relu_", lambda: F.batch_norm(x, None, None, aten_weight, aten_bias, True).relu_()),
-        ("bn_relu_backward (new grad)", lambda: ops.bn_relu_backward(grad, x, mean, invstd, weight, bias, True),
+        ("bn_relu_backward (new grad)", lambda: ops.bn_relu_backward(grad, x, mean, var, weight, bias, 1e-5, True),
          3 * nbytes, "native_batch_norm_backward",
          lambda: torch.ops.aten.native_batch_norm_backward(
              grad, x, aten_weight, None, None, mean, invstd, True, 1e-5, [True, True, True])),
         ("bn_relu_backward_accumulate",
-         lambda: ops.bn_relu_backward_accumulate(grad, x, mean, invstd, weight, bias, True, grad_sum),
+         lambda: ops.bn_relu_backward_accumulate(grad, x, mean, var, weight, bias, 1e-5, True, grad_sum),
          4 * nbytes, None, None),
     ]
     rows = []

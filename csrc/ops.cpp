@@ -1,40 +1,49 @@
 // Every operator schema of the library, declared once, and the dispatcher
 // entry points used by the C++ orchestration. Kernels live in cpu/, cuda/ and
-// dense_block.cpp; fake kernels and autograd are registered from Python
-// (densenet_efficient/_ops.py).
+// the dense_block_*.cpp files; fake kernels and autograd are registered from
+// Python (densenet_efficient/_ops.py), which reads arguments by their names
+// here.
 #include "ops.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <Python.h>
 #include <torch/library.h>
 
 // No argument has a default, and none is optional (sync_group "" means not
 // synchronised): some PyTorch versions drop default-valued arguments before
-// autograd sees them, and compiled graphs drop None ones.
+// autograd sees them, and compiled graphs drop None ones. Mutating custom ops
+// return nothing: functionalization refuses custom outputs that alias inputs.
 TORCH_LIBRARY(densenet_efficient, m) {
   m.def("channel_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("channel_stats_out(Tensor input, Tensor(a!) mean, Tensor(b!) var) -> ()");
   m.def(
-      "bn_relu(Tensor input, Tensor mean, Tensor invstd, Tensor weight, "
-      "Tensor bias) -> Tensor");
-  // Writes into `out` (the block's shared scratch). Mutating custom ops return
-  // nothing: functionalization refuses custom outputs that alias inputs.
+      "copy_with_stats(Tensor source, Tensor(a!) destination, Tensor(b!) mean, "
+      "Tensor(c!) var) -> ()");
   m.def(
-      "bn_relu_out(Tensor input, Tensor mean, Tensor invstd, Tensor weight, "
-      "Tensor bias, Tensor(a!) out) -> ()");
+      "bn_relu(Tensor input, Tensor mean, Tensor var, Tensor weight, "
+      "Tensor bias, float eps) -> Tensor");
+  m.def(
+      "bn_relu_out(Tensor input, Tensor mean, Tensor var, Tensor weight, "
+      "Tensor bias, float eps, Tensor(a!) out) -> ()");
   m.def(
       "bn_relu_backward(Tensor grad_output, Tensor input, Tensor mean, "
-      "Tensor invstd, Tensor weight, Tensor bias, bool batch_stats) "
+      "Tensor var, Tensor weight, Tensor bias, float eps, bool batch_stats) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "bn_relu_backward_accumulate(Tensor grad_output, Tensor input, "
-      "Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+      "Tensor mean, Tensor var, Tensor weight, Tensor bias, float eps, "
       "bool batch_stats, Tensor(a!) grad_input_sum) "
       "-> (Tensor grad_weight, Tensor grad_bias)");
+  // Norm i takes its batch statistics from batch_mean/batch_var[offsets[i] :
+  // offsets[i] + C_i]; count (int64, one element) is the number of values per
+  // channel, read on the device (no host synchronisation).
   m.def(
       "update_running_stats(Tensor(a!)[] running_mean, "
       "Tensor(b!)[] running_var, Tensor(c!)[] num_batches_tracked, "
-      "Tensor[] batch_mean, Tensor[] batch_var, float?[] momentum, "
-      "int count) -> ()");
+      "float?[] momentum, int[] offsets, Tensor batch_mean, Tensor batch_var, "
+      "Tensor count) -> ()");
+  // batch_mean/batch_var: [C_max + L·4k], the statistics of the channels
+  // norm1 reads, then each layer's bottleneck (zero where a norm uses running
+  // statistics); count: values per channel over all ranks (int64).
   m.def(
       "dense_block_forward(Tensor input, "
       "Tensor[] norm1_weight, Tensor[] norm1_bias, "
@@ -44,10 +53,9 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "Tensor?[] norm2_running_mean, Tensor?[] norm2_running_var, "
       "float[] norm2_eps, Tensor[] conv2_weight, "
       "float dropout_p, bool recompute_bottleneck, bool save_for_backward, "
-      "str sync_group, int sync_count) "
-      "-> (Tensor output, Tensor[] bottlenecks, Tensor channel_mean, "
-      "Tensor channel_var, Tensor bottleneck_mean, Tensor bottleneck_var, "
-      "Tensor[] dropout_masks)",
+      "str sync_group) "
+      "-> (Tensor output, Tensor[] bottlenecks, Tensor batch_mean, "
+      "Tensor batch_var, Tensor count, Tensor[] dropout_masks)",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "dense_block_backward(Tensor grad_output, Tensor output, "
@@ -57,10 +65,9 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "Tensor[] norm2_weight, Tensor[] norm2_bias, "
       "Tensor?[] norm2_running_mean, Tensor?[] norm2_running_var, "
       "float[] norm2_eps, Tensor[] conv2_weight, "
-      "Tensor[] bottlenecks, Tensor channel_mean, Tensor channel_var, "
-      "Tensor bottleneck_mean, Tensor bottleneck_var, "
-      "Tensor[] dropout_masks, float dropout_p, str sync_group, "
-      "int sync_count) "
+      "Tensor[] bottlenecks, Tensor batch_mean, Tensor batch_var, "
+      "Tensor count, Tensor[] dropout_masks, float dropout_p, "
+      "str sync_group) "
       "-> (Tensor grad_input, Tensor[] grad_norm1_weight, "
       "Tensor[] grad_norm1_bias, Tensor[] grad_conv1_weight, "
       "Tensor[] grad_norm2_weight, Tensor[] grad_norm2_bias, "
@@ -70,68 +77,63 @@ TORCH_LIBRARY(densenet_efficient, m) {
 namespace densenet_efficient::ops {
 namespace {
 template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(
-    const char* name,
-    const char* overload = "") {
-  return c10::Dispatcher::singleton()
-      .findSchemaOrThrow(name, overload)
-      .typed<Signature>();
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 } // namespace
 
-std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
-  static auto op = find_op<decltype(channel_stats)>(
-      "densenet_efficient::channel_stats");
-  return op.call(input);
+void channel_stats_out(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var) {
+  static auto op = find_op<decltype(channel_stats_out)>("densenet_efficient::channel_stats_out");
+  op.call(input, mean, var);
+}
+
+void copy_with_stats(
+    const at::Tensor& source,
+    const at::Tensor& destination,
+    const at::Tensor& mean,
+    const at::Tensor& var) {
+  static auto op = find_op<decltype(copy_with_stats)>("densenet_efficient::copy_with_stats");
+  op.call(source, destination, mean, var);
 }
 
 void bn_relu_out(
     const at::Tensor& input,
     const at::Tensor& mean,
-    const at::Tensor& invstd,
+    const at::Tensor& var,
     const at::Tensor& weight,
     const at::Tensor& bias,
+    double eps,
     const at::Tensor& out) {
-  static auto op =
-      find_op<decltype(bn_relu_out)>("densenet_efficient::bn_relu_out");
-  op.call(input, mean, invstd, weight, bias, out);
+  static auto op = find_op<decltype(bn_relu_out)>("densenet_efficient::bn_relu_out");
+  op.call(input, mean, var, weight, bias, eps, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const at::Tensor& mean,
-    const at::Tensor& invstd,
+    const at::Tensor& var,
     const at::Tensor& weight,
     const at::Tensor& bias,
+    double eps,
     bool batch_stats) {
-  static auto op = find_op<decltype(bn_relu_backward)>(
-      "densenet_efficient::bn_relu_backward");
-  return op.call(grad_output, input, mean, invstd, weight, bias, batch_stats);
+  static auto op = find_op<decltype(bn_relu_backward)>("densenet_efficient::bn_relu_backward");
+  return op.call(grad_output, input, mean, var, weight, bias, eps, batch_stats);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const at::Tensor& mean,
-    const at::Tensor& invstd,
+    const at::Tensor& var,
     const at::Tensor& weight,
     const at::Tensor& bias,
+    double eps,
     bool batch_stats,
-    at::Tensor& grad_input_sum) {
+    const at::Tensor& grad_input_sum) {
   static auto op = find_op<decltype(bn_relu_backward_accumulate)>(
       "densenet_efficient::bn_relu_backward_accumulate");
-  return op.call(
-      grad_output, input, mean, invstd, weight, bias, batch_stats,
-      grad_input_sum);
+  return op.call(grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input_sum);
 }
 
 } // namespace densenet_efficient::ops
-
-// `import densenet_efficient._C` loads this library, which registers the
-// operators above through static initialisers; the module itself is empty.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

@@ -10,28 +10,38 @@
 namespace densenet_efficient::ops {
 
 // Per-channel batch mean and biased variance of a 4-D [N, C, H, W] tensor,
-// reduced over N, H, W, in the input's math type (float for half/bfloat16).
-std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input);
+// reduced over N, H, W, written into `mean` and `var` ([C] each).
+void channel_stats_out(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var);
 
-// out = relu(weight * (input - mean) * invstd + bias), per channel, written
-// into `out` (any strides).
+// destination = source, and the per-channel statistics of what was copied,
+// in one pass over the data.
+void copy_with_stats(
+    const at::Tensor& source,
+    const at::Tensor& destination,
+    const at::Tensor& mean,
+    const at::Tensor& var);
+
+// out = relu(weight * (input - mean) / sqrt(var + eps) + bias), per channel,
+// written into `out` (any strides).
 void bn_relu_out(
     const at::Tensor& input,
     const at::Tensor& mean,
-    const at::Tensor& invstd,
+    const at::Tensor& var,
     const at::Tensor& weight,
     const at::Tensor& bias,
+    double eps,
     const at::Tensor& out);
 
-// Gradients of bn_relu. With batch_stats, mean/invstd are taken to be the
-// batch statistics of input and grad_input includes their derivative.
+// Gradients of bn_relu. With batch_stats, mean/var are taken to be the batch
+// statistics of input and grad_input includes their derivative.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const at::Tensor& mean,
-    const at::Tensor& invstd,
+    const at::Tensor& var,
     const at::Tensor& weight,
     const at::Tensor& bias,
+    double eps,
     bool batch_stats);
 
 // As bn_relu_backward, but grad_input is added into `grad_input_sum` in place.
@@ -39,10 +49,11 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const at::Tensor& mean,
-    const at::Tensor& invstd,
+    const at::Tensor& var,
     const at::Tensor& weight,
     const at::Tensor& bias,
+    double eps,
     bool batch_stats,
-    at::Tensor& grad_input_sum);
+    const at::Tensor& grad_input_sum);
 
 } // namespace densenet_efficient::ops

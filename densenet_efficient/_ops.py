@@ -1,8 +1,14 @@
 """Python side of the densenet_efficient operators: fake kernels (for
 torch.compile / FakeTensor) and autograd formulas. The schemas and the CPU/CUDA
-kernels live in csrc/."""
+kernels live in csrc/.
+
+The block operators take about twenty arguments; everything here reads them,
+and their results, by the names in the schemas (csrc/ops.cpp), so adding an
+argument cannot shift the others: a name missing on either side raises."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -17,6 +23,24 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def argument_names(op: torch._ops.OpOverload) -> list[str]:
+    return [a.name for a in op._schema.arguments]
+
+
+def result_names(op: torch._ops.OpOverload) -> list[str]:
+    return [r.name for r in op._schema.returns]
+
+
+def _bind(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of a call of `op` by name."""
+    names = argument_names(op)
+    bound = dict(zip(names, args))
+    bound.update(kwargs)
+    if len(args) > len(names) or set(bound) != set(names):
+        raise TypeError(f"{op}: expected the arguments {names}, got {list(bound)}")
+    return bound
+
+
 def _channel_vector(input: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     dtype = like.dtype if like is not None else math_dtype(input.dtype)
     return input.new_empty((input.shape[1],), dtype=dtype)
@@ -26,13 +50,23 @@ def _fake_4d(name: str, input: torch.Tensor) -> None:
     torch._check(input.dim() == 4, lambda: f"{name}: expected a 4-D input, got {input.dim()}-D")
 
 
-# --- channel_stats ---------------------------------------------------------
+# --- channel statistics ----------------------------------------------------
 
 
 @torch.library.register_fake(_lib + "channel_stats")
 def _(input):
     _fake_4d("channel_stats", input)
     return _channel_vector(input), _channel_vector(input)
+
+
+@torch.library.register_fake(_lib + "channel_stats_out")
+def _(input, mean, var):
+    _fake_4d("channel_stats_out", input)
+
+
+@torch.library.register_fake(_lib + "copy_with_stats")
+def _(source, destination, mean, var):
+    _fake_4d("copy_with_stats", source)
 
 
 def _channel_stats_setup(ctx, inputs, output):
@@ -62,31 +96,34 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake(_lib + "bn_relu")
-def _(input, mean, invstd, weight, bias):
+def _(input, mean, var, weight, bias, eps):
     _fake_4d("bn_relu", input)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(_lib + "bn_relu_out")
-def _(input, mean, invstd, weight, bias, out):
+def _(input, mean, var, weight, bias, eps, out):
     _fake_4d("bn_relu_out", input)
 
 
 def _bn_relu_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    *tensors, ctx.eps = inputs
+    ctx.save_for_backward(*tensors)
 
 
 def _bn_relu_backward(ctx, grad):
-    # With mean and invstd as free inputs, y = γ (x − μ) r + β:
-    #   dμ = −γ r Σg = −γ r dβ,   dr = γ Σ g (x − μ) = γ dγ / r
+    # With mean and var as free inputs, y = γ (x − μ) r + β, r = (var + ε)^(-1/2):
+    #   dμ = −γ r Σg = −γ r dβ,   dr = γ Σ g (x − μ) = γ dγ / r,
+    #   dvar = dr · (−r³/2) = −γ dγ r² / 2
     # where dγ = r Σ g (x − μ) and dβ = Σ g come from the kernel.
-    input, mean, invstd, weight, bias = ctx.saved_tensors
+    input, mean, var, weight, bias = ctx.saved_tensors
     grad_input, grad_weight, grad_bias = ops.bn_relu_backward(
-        grad, input, mean, invstd, weight, bias, False
+        grad, input, mean, var, weight, bias, ctx.eps, False
     )
+    invstd = torch.rsqrt(var + ctx.eps)
     grad_mean = -(weight * invstd) * grad_bias
-    grad_invstd = weight * grad_weight / invstd
-    return grad_input, grad_mean, grad_invstd, grad_weight, grad_bias
+    grad_var = -0.5 * weight * grad_weight * invstd.square()
+    return grad_input, grad_mean, grad_var, grad_weight, grad_bias, None
 
 
 torch.library.register_autograd(
@@ -98,7 +135,7 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake(_lib + "bn_relu_backward")
-def _(grad_output, input, mean, invstd, weight, bias, batch_stats):
+def _(grad_output, input, mean, var, weight, bias, eps, batch_stats):
     _fake_4d("bn_relu_backward", input)
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
@@ -108,87 +145,74 @@ def _(grad_output, input, mean, invstd, weight, bias, batch_stats):
 
 
 @torch.library.register_fake(_lib + "bn_relu_backward_accumulate")
-def _(grad_output, input, mean, invstd, weight, bias, batch_stats, grad_input_sum):
+def _(grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input_sum):
     _fake_4d("bn_relu_backward_accumulate", input)
     return _channel_vector(input, like=weight), _channel_vector(input, like=bias)
 
 
 @torch.library.register_fake(_lib + "update_running_stats")
-def _(running_mean, running_var, num_batches_tracked, batch_mean, batch_var, momentum, count):
+def _(running_mean, running_var, num_batches_tracked, momentum, offsets, batch_mean, batch_var, count):
     return None
 
 
 # --- the dense block --------------------------------------------------------
 
-# Positions of the per-layer parameter lists in dense_block_forward's schema
-# (input first); the backward schema has the same lists after
-# (grad_output, output).
-_PARAM_LISTS = {
-    "norm1_weight": 0,
-    "norm1_bias": 1,
-    "norm1_running_mean": 2,
-    "norm1_running_var": 3,
-    "norm1_eps": 4,
-    "conv1_weight": 5,
-    "norm2_weight": 6,
-    "norm2_bias": 7,
-    "norm2_running_mean": 8,
-    "norm2_running_var": 9,
-    "norm2_eps": 10,
-    "conv2_weight": 11,
-}
-_DIFFERENTIABLE = ("norm1_weight", "norm1_bias", "conv1_weight", "norm2_weight", "norm2_bias", "conv2_weight")
+_FORWARD = ops.dense_block_forward.default
+_BACKWARD = ops.dense_block_backward.default
+# Gradients come back from the backward op as grad_<argument of forward>.
+_GRAD_PREFIX = "grad_"
+
+
+def block_statistics_size(num_input_features: int, num_layers: int, growth_rate: int, bottleneck_width: int) -> int:
+    """Length of the block's flat statistics: the C_max channels some norm1
+    reads, then each layer's bottleneck (csrc/dense_block.h)."""
+    return num_input_features + (num_layers - 1) * growth_rate + num_layers * bottleneck_width
 
 
 @torch.library.register_fake(_lib + "dense_block_forward")
-def _(input, norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var, norm1_eps,
-      conv1_weight, norm2_weight, norm2_bias, norm2_running_mean, norm2_running_var, norm2_eps,
-      conv2_weight, dropout_p, recompute_bottleneck, save_for_backward, sync_group, sync_count):
+def _(*args, **kwargs):
+    a = _bind(_FORWARD, args, kwargs)
+    input = a["input"]
     _fake_4d("dense_block_forward", input)
     batch, in_channels, height, width = input.shape
-    num_layers = len(conv1_weight)
-    if conv2_weight:  # DenseNet-B layers
-        growth, width_4k = conv2_weight[0].shape[0], conv1_weight[0].shape[0]
+    conv1, conv2 = a["conv1_weight"], a["conv2_weight"]
+    num_layers = len(conv1)
+    if conv2:  # DenseNet-B layers
+        growth, width_4k = conv2[0].shape[0], conv1[0].shape[0]
     else:  # plain layers: conv1 is the 3x3 conv
-        growth, width_4k = conv1_weight[0].shape[0], 0
+        growth, width_4k = conv1[0].shape[0], 0
     stats = math_dtype(input.dtype)
-    max_in = in_channels + (num_layers - 1) * growth
-    output = input.new_empty((batch, in_channels + num_layers * growth, height, width))
-    keep_bottlenecks = save_for_backward and not recompute_bottleneck and width_4k > 0
-    bottlenecks = [input.new_empty((batch, width_4k, height, width)) for _ in range(num_layers)] if keep_bottlenecks else []
-    masks = (
-        [input.new_empty((batch, growth, height, width), dtype=torch.bool) for _ in range(num_layers)]
-        if save_for_backward and dropout_p > 0
-        else []
-    )
-    return (
-        output,
-        bottlenecks,
-        input.new_empty((max_in,), dtype=stats),
-        input.new_empty((max_in,), dtype=stats),
-        input.new_empty((num_layers, width_4k), dtype=stats),
-        input.new_empty((num_layers, width_4k), dtype=stats),
-        masks,
-    )
+    size = block_statistics_size(in_channels, num_layers, growth, width_4k)
+    save = a["save_for_backward"]
+    keep_bottlenecks = save and not a["recompute_bottleneck"] and width_4k > 0
+    results = {
+        "output": input.new_empty((batch, in_channels + num_layers * growth, height, width)),
+        "bottlenecks": [input.new_empty((batch, width_4k, height, width)) for _ in range(num_layers)]
+        if keep_bottlenecks
+        else [],
+        "batch_mean": input.new_empty((size,), dtype=stats),
+        "batch_var": input.new_empty((size,), dtype=stats),
+        "count": input.new_empty((), dtype=torch.int64),
+        "dropout_masks": [input.new_empty((batch, growth, height, width), dtype=torch.bool) for _ in range(num_layers)]
+        if save and a["dropout_p"] > 0
+        else [],
+    }
+    return tuple(results[name] for name in result_names(_FORWARD))
 
 
 @torch.library.register_fake(_lib + "dense_block_backward")
-def _(grad_output, output, norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var,
-      norm1_eps, conv1_weight, norm2_weight, norm2_bias, norm2_running_mean, norm2_running_var,
-      norm2_eps, conv2_weight, bottlenecks, channel_mean, channel_var, bottleneck_mean,
-      bottleneck_var, dropout_masks, dropout_p, sync_group, sync_count):
-    batch, _, height, width = output.shape
-    in_channels = conv1_weight[0].shape[1]
-    grads = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]  # noqa: E731
-    return (
-        output.new_empty((batch, in_channels, height, width)),
-        grads(norm1_weight),
-        grads(norm1_bias),
-        grads(conv1_weight),
-        grads(norm2_weight),
-        grads(norm2_bias),
-        grads(conv2_weight),
-    )
+def _(*args, **kwargs):
+    a = _bind(_BACKWARD, args, kwargs)
+    batch, _, height, width = a["output"].shape
+    in_channels = a["conv1_weight"][0].shape[1]
+    grads = {"grad_input": a["output"].new_empty((batch, in_channels, height, width))}
+    for name in result_names(_BACKWARD)[1:]:
+        grads[name] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in a[name[len(_GRAD_PREFIX):]]]
+    return tuple(grads[name] for name in result_names(_BACKWARD))
+
+
+def _is_tensor_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(v is None or isinstance(v, torch.Tensor) for v in value)
 
 
 def _no_grad_like(value):
@@ -200,66 +224,47 @@ def _no_grad_like(value):
 
 
 def _block_setup(ctx, inputs, output):
-    input, *params = inputs[:13]
-    dropout_p, _recompute, save_for_backward, sync_group, sync_count = inputs[13:]
-    if not save_for_backward:
+    args = dict(zip(argument_names(_FORWARD), inputs))
+    results = dict(zip(result_names(_FORWARD), output))
+    if not args["save_for_backward"]:
         raise RuntimeError(
             "dense_block_forward was called with save_for_backward=False while a gradient "
             "is required; pass save_for_backward=True"
         )
-    block_output, bottlenecks, channel_mean, channel_var, bottleneck_mean, bottleneck_var, masks = output
+    # Their gradients are never used: no zero tensors (one per bottleneck!)
+    # should be made for them.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(
-        *bottlenecks, channel_mean, channel_var, bottleneck_mean, bottleneck_var, *masks
+        *(t for name, value in results.items() if name != "output" for t in (value if isinstance(value, list) else [value]))
     )
-    ctx.list_lengths = {name: len(params[i]) for name, i in _PARAM_LISTS.items()}
-    ctx.eps = (params[_PARAM_LISTS["norm1_eps"]], params[_PARAM_LISTS["norm2_eps"]])
-    ctx.num_bottlenecks = len(bottlenecks)
-    ctx.num_masks = len(masks)
-    ctx.dropout_p = dropout_p
-    ctx.sync = (sync_group, sync_count)
-    ctx.no_grads = {name: _no_grad_like(params[i]) for name, i in _PARAM_LISTS.items() if name not in _DIFFERENTIABLE}
-    tensor_lists = [params[i] for name, i in _PARAM_LISTS.items() if not name.endswith("eps")]
-    ctx.save_for_backward(
-        block_output,
-        *(t for tensors in tensor_lists for t in tensors),
-        *bottlenecks,
-        channel_mean, channel_var, bottleneck_mean, bottleneck_var,
-        *masks,
-    )
+    ctx.no_grads = {name: _no_grad_like(value) for name, value in args.items()}
+    # Every argument of the backward op but the incoming gradient, by name,
+    # from forward's arguments or results: tensors saved, the rest kept.
+    ctx.layout, ctx.constants, tensors = [], {}, []
+    for name in argument_names(_BACKWARD)[1:]:
+        value = args[name] if name in args else results[name]
+        if isinstance(value, torch.Tensor):
+            ctx.layout.append((name, None))
+            tensors.append(value)
+        elif _is_tensor_list(value):
+            ctx.layout.append((name, len(value)))
+            tensors.extend(value)
+        else:
+            ctx.constants[name] = value
+    ctx.save_for_backward(*tensors)
 
 
 def _block_backward(ctx, grad_output, *_grads_of_non_differentiable_outputs):
-    saved = list(ctx.saved_tensors)
-
-    def take(count):
-        taken = saved[:count]
-        del saved[:count]
-        return taken
-
-    block_output = take(1)[0]
-    lists = {}
-    for name in _PARAM_LISTS:
-        if name.endswith("eps"):
-            lists[name] = list(ctx.eps[0] if name.startswith("norm1") else ctx.eps[1])
-        else:
-            lists[name] = take(ctx.list_lengths[name])
-    bottlenecks = take(ctx.num_bottlenecks)
-    channel_mean, channel_var, bottleneck_mean, bottleneck_var = take(4)
-    masks = take(ctx.num_masks)
-    grad_input, *param_grads = ops.dense_block_backward(
-        grad_output, block_output, *lists.values(), bottlenecks,
-        channel_mean, channel_var, bottleneck_mean, bottleneck_var, masks, ctx.dropout_p, *ctx.sync,
-    )
-    grads = {**ctx.no_grads, **dict(zip(_DIFFERENTIABLE, param_grads))}
-    return (
-        grad_input,
-        *(grads.get(name) for name in _PARAM_LISTS),
-        None,  # dropout_p
-        None,  # recompute_bottleneck
-        None,  # save_for_backward
-        None,  # sync_group
-        None,  # sync_count
-    )
+    if grad_output is None:  # no gradient reached the output (grads are not materialised)
+        return tuple(ctx.no_grads[name] for name in argument_names(_FORWARD))
+    saved = iter(ctx.saved_tensors)
+    arguments = {
+        name: next(saved) if length is None else [next(saved) for _ in range(length)]
+        for name, length in ctx.layout
+    }
+    results = ops.dense_block_backward(grad_output=grad_output, **arguments, **ctx.constants)
+    grads = dict(zip(result_names(_BACKWARD), results))
+    return tuple(grads.get(_GRAD_PREFIX + name, ctx.no_grads[name]) for name in argument_names(_FORWARD))
 
 
 torch.library.register_autograd(

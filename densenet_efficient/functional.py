@@ -12,9 +12,11 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ._ops import ops
+from ._ops import block_statistics_size, ops, result_names
 
 __all__ = ["check_block_input", "dense_block"]
+
+_FORWARD_RESULTS = result_names(ops.dense_block_forward.default)
 
 
 def _named_layers(layers: Mapping[str, nn.Module] | Iterable[nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -151,11 +153,6 @@ def _dropout_probability(named: list[tuple[str, nn.Module]]) -> float:
     return float(p)
 
 
-def _all_reduce_count(count: int, group: str) -> int:
-    total = torch.ops._c10d_functional.all_reduce(torch.tensor([count], dtype=torch.int64), "sum", group)
-    return int(torch.ops._c10d_functional.wait_tensor(total).item())
-
-
 def dense_block(
     input: Tensor,
     layers: Mapping[str, nn.Module] | Iterable[nn.Module],
@@ -205,48 +202,59 @@ def dense_block(
 
     if compute_dtype is not None:
         input = input.to(compute_dtype)
-    params = (
-        [n.weight for n in norm1], [n.bias for n in norm1],
-        running(norm1, "running_mean"), running(norm1, "running_var"), [float(n.eps) for n in norm1],
-        conv_weights(layer.conv1 for layer in modules),
-        [n.weight for n in norm2], [n.bias for n in norm2],
-        running(norm2, "running_mean"), running(norm2, "running_var"), [float(n.eps) for n in norm2],
-        conv_weights(layer.conv2 for layer in modules if bottleneck),
-    )
-    batch, _, height, width = input.shape
-    count = batch * height * width
-    if sync_group is not None:
-        count = _all_reduce_count(count, sync_group)
     # Everything is already in its dtype; autocast must not touch the
     # convolutions inside the operator.
     with torch.autocast(input.device.type, enabled=False):
-        output, _, channel_mean, channel_var, bottleneck_mean, bottleneck_var, _ = ops.dense_block_forward(
-            input, *params, dropout_p, recompute_bottleneck, needs_grad, sync_group or "", count if sync_group else 0
+        results = ops.dense_block_forward(
+            input=input,
+            norm1_weight=[n.weight for n in norm1],
+            norm1_bias=[n.bias for n in norm1],
+            norm1_running_mean=running(norm1, "running_mean"),
+            norm1_running_var=running(norm1, "running_var"),
+            norm1_eps=[float(n.eps) for n in norm1],
+            conv1_weight=conv_weights(layer.conv1 for layer in modules),
+            norm2_weight=[n.weight for n in norm2],
+            norm2_bias=[n.bias for n in norm2],
+            norm2_running_mean=running(norm2, "running_mean"),
+            norm2_running_var=running(norm2, "running_var"),
+            norm2_eps=[float(n.eps) for n in norm2],
+            conv2_weight=conv_weights(layer.conv2 for layer in modules if bottleneck),
+            dropout_p=dropout_p,
+            recompute_bottleneck=recompute_bottleneck,
+            save_for_backward=needs_grad,
+            sync_group=sync_group or "",
         )
-    _update_running_stats(count, modules, channel_mean, channel_var, bottleneck_mean, bottleneck_var)
-    return output
+    results = dict(zip(_FORWARD_RESULTS, results))
+    _update_running_stats(modules, results["batch_mean"], results["batch_var"], results["count"])
+    return results["output"]
 
 
-def _update_running_stats(count, layers, channel_mean, channel_var, bottleneck_mean, bottleneck_var) -> None:
-    norms, means, variances = [], [], []
+def _update_running_stats(layers, batch_mean, batch_var, count) -> None:
+    """One update of every training norm's running statistics, from the
+    block's flat statistics (csrc/dense_block.h gives their layout)."""
+    first = layers[0]
+    bottleneck = _has_bottleneck(first)
+    growth = first.conv2.out_channels if bottleneck else first.conv1.out_channels
+    width_4k = first.conv1.out_channels if bottleneck else 0
+    bottleneck_start = block_statistics_size(first.conv1.in_channels, len(layers), growth, 0)
+    norms, offsets = [], []
     for index, layer in enumerate(layers):
-        channels = layer.conv1.in_channels
-        stats = [(layer.norm1, channel_mean[:channels], channel_var[:channels])]
-        if _has_bottleneck(layer):
-            stats.append((layer.norm2, bottleneck_mean[index], bottleneck_var[index]))
-        for norm, mean, var in stats:
+        stats = [(layer.norm1, 0)]
+        if bottleneck:
+            stats.append((layer.norm2, bottleneck_start + index * width_4k))
+        for norm, offset in stats:
             if _updates_running_stats(norm):
                 norms.append(norm)
-                means.append(mean)
-                variances.append(var)
+                offsets.append(offset)
     if not norms:
         return
     ops.update_running_stats(
         [n.running_mean for n in norms],
         [n.running_var for n in norms],
         [n.num_batches_tracked for n in norms],
-        means,
-        variances,
         [None if n.momentum is None else float(n.momentum) for n in norms],
+        offsets,
+        batch_mean,
+        batch_var,
         count,
     )

@@ -68,7 +68,8 @@ class _BlockSizes:
         return self.plane * channels * self.itemsize
 
     def statistics(self) -> int:
-        return 2 * (self.max_in + self.num_layers * self.width_4k) * self.math_itemsize
+        """Batch mean and variance, flat, and the count (one int64)."""
+        return 2 * (self.max_in + self.num_layers * self.width_4k) * self.math_itemsize + 8
 
     def parameters(self) -> int:
         total = 0
@@ -102,7 +103,8 @@ def dense_block_saved_bytes(
       none for plain layers, bn_size=0);
     * per-channel batch statistics: mean and variance of the C0 + (L−1)·k
       channels some norm1 reads and of each layer's bn_size·k bottleneck
-      channels, in the math dtype (float32 for half/bfloat16);
+      channels, in the math dtype (float32 for half/bfloat16), and the number
+      of values per channel (one int64);
     * with dropout, one bool mask of N·k·H·W per layer.
     """
     s = _BlockSizes(batch, height, width, num_input_features, num_layers, growth_rate, bn_size, dtype)

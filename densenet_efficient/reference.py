@@ -29,11 +29,12 @@ def channel_stats(input: Tensor) -> tuple[Tensor, Tensor]:
     return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
 
 
-def bn_relu(input: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """relu(weight * (input - mean) * invstd + bias), per channel."""
+def bn_relu(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """relu(weight * (input - mean) / sqrt(var + eps) + bias), per channel."""
     math = _math_dtype(input.dtype)
     as_channels = lambda v: v.to(math).view(1, -1, 1, 1)  # noqa: E731
-    y = (input.to(math) - as_channels(mean)) * as_channels(invstd) * as_channels(weight) + as_channels(bias)
+    invstd = torch.rsqrt(as_channels(var) + eps)
+    y = (input.to(math) - as_channels(mean)) * invstd * as_channels(weight) + as_channels(bias)
     return torch.relu(y).to(input.dtype)
 
 

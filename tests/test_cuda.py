@@ -19,19 +19,13 @@ pytestmark = [
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Plane sizes: a multiple of every vector width (16-byte loads), an odd one
-# (one element at a time), and 7x7 (ImageNet's last block).
-PLANES = [(8, 8), (5, 3), (7, 7)]
+# (one element at a time), 7x7 and 14x14 (ImageNet's last blocks: vectors
+# that cross from one channel's plane into the next), and 1x1.
+PLANES = [(8, 8), (5, 3), (7, 7), (14, 14), (1, 1)]
 
 
 def _tolerance(dtype):
     return {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-
-
-def _slice_of_buffer(batch, channels, plane, dtype, seed=0):
-    """Channels 3..3+channels of a wider buffer: the strided layout the block uses."""
-    g = torch.Generator().manual_seed(seed)
-    wide = torch.randn(batch, channels + 5, *plane, generator=g, dtype=torch.float64) * 1.5 + 0.3
-    return wide.to(dtype)[:, 3 : 3 + channels]
 
 
 def _vectors(channels, seed=1):
@@ -39,11 +33,31 @@ def _vectors(channels, seed=1):
     return torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g) * 0.3
 
 
+def _slices(batch, channels, plane, dtype, seed, device="cuda"):
+    """The layouts the kernels walk differently, made on `device` (moving a
+    view between devices would make it contiguous): channels 3..3+C of a
+    wider buffer (a sample's planes back to back), the same one element off
+    16-byte alignment, and planes spaced apart (each plane its own run)."""
+    g = torch.Generator().manual_seed(seed)
+    size = plane[0] * plane[1]
+    wide = torch.randn(batch, channels + 5, *plane, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    flat = torch.randn(batch * (channels + 5) * size + 1, generator=g, dtype=torch.float64)
+    spaced = torch.randn(batch, channels, size + 4, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    on = dict(dtype=dtype, device=device)
+    return {
+        "slice": wide.to(**on)[:, 3 : 3 + channels],
+        "misaligned": flat.to(**on)[1:].view(batch, channels + 5, *plane)[:, 3 : 3 + channels],
+        "spaced": spaced.to(**on)[..., :size].view(batch, channels, *plane),
+    }
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("plane", PLANES)
-def test_kernels_match_cpu_kernels_and_reference(dtype, plane):
-    x_cpu = _slice_of_buffer(6, 7, plane, dtype)
-    x = x_cpu.cuda()
+@pytest.mark.parametrize("layout", ["slice", "misaligned", "spaced"])
+def test_kernels_match_cpu_kernels_and_reference(dtype, plane, layout):
+    x_cpu = _slices(6, 7, plane, dtype, seed=0, device="cpu")[layout]
+    x = _slices(6, 7, plane, dtype, seed=0)[layout]
+    assert x.stride() == x_cpu.stride() and torch.equal(x.cpu(), x_cpu)
     math = torch.float64 if dtype == torch.float64 else torch.float32
     weight, bias = (v.to(math) for v in _vectors(7))
     tol = _tolerance(dtype)
@@ -56,9 +70,14 @@ def test_kernels_match_cpu_kernels_and_reference(dtype, plane):
         assert rel_error(ours.cpu(), ref) <= stats_tol
         assert rel_error(ours.cpu(), cpu) <= stats_tol
 
-    invstd = torch.rsqrt(var + 1e-5)
-    args_cpu = (cpu_mean, torch.rsqrt(cpu_var + 1e-5), weight, bias)
-    args = tuple(a.cuda() for a in args_cpu)
+    copy = torch.full((6, 9, *plane), float("nan"), dtype=dtype, device="cuda")
+    copy_stats = torch.full((2, 9), float("nan"), dtype=math, device="cuda")
+    ops.copy_with_stats(x, copy[:, 1:8], copy_stats[0, 2:], copy_stats[1, 2:])
+    assert torch.equal(copy[:, 1:8], x) and copy[:, 0].isnan().all() and copy[:, 8].isnan().all()
+    assert torch.equal(copy_stats[0, 2:], mean) and torch.equal(copy_stats[1, 2:], var)
+
+    args_cpu = (cpu_mean, cpu_var, weight, bias, 1e-5)
+    args = (cpu_mean.cuda(), cpu_var.cuda(), weight.cuda(), bias.cuda(), 1e-5)
     out = ops.bn_relu(x, *args)
     assert rel_error(out.cpu(), ops.bn_relu(x_cpu, *args_cpu)) <= tol
     assert rel_error(out.cpu(), reference.bn_relu(x_cpu, *args_cpu)) <= tol
@@ -67,19 +86,43 @@ def test_kernels_match_cpu_kernels_and_reference(dtype, plane):
     ops.bn_relu_out(x, *args, scratch[:, 2:9])
     assert torch.equal(scratch[:, 2:9], out) and scratch[:, :2].isnan().all() and scratch[:, 9:].isnan().all()
 
-    grad = _slice_of_buffer(6, 7, plane, dtype, seed=2)
+    grad_cpu = _slices(6, 7, plane, dtype, seed=2, device="cpu")[layout]
+    grad = _slices(6, 7, plane, dtype, seed=2)[layout]
     for batch_stats in (True, False):
-        ours = ops.bn_relu_backward(grad.cuda(), x, mean, invstd, weight.cuda(), bias.cuda(), batch_stats)
-        cpu = ops.bn_relu_backward(grad, x_cpu, *args_cpu, batch_stats)
+        ours = ops.bn_relu_backward(grad, x, mean, var, weight.cuda(), bias.cuda(), 1e-5, batch_stats)
+        cpu = ops.bn_relu_backward(grad_cpu, x_cpu, *args_cpu[:4], 1e-5, batch_stats)
         for name, a, b in zip(("input", "weight", "bias"), ours, cpu):
             assert rel_error(a.cpu(), b) <= tol, (name, batch_stats)
         target = torch.randn(6, 10, *plane, dtype=dtype, device="cuda")
         before = target.clone()
         ops.bn_relu_backward_accumulate(
-            grad.cuda(), x, mean, invstd, weight.cuda(), bias.cuda(), batch_stats, target[:, 1:8]
+            grad, x, mean, var, weight.cuda(), bias.cuda(), 1e-5, batch_stats, target[:, 1:8]
         )
         assert rel_error(target[:, 1:8], before[:, 1:8] + ours[0]) <= tol
         assert torch.equal(target[:, :1], before[:, :1]) and torch.equal(target[:, 8:], before[:, 8:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 40, 32, 32), (256, 3, 14, 14), (8, 5, 128, 127)])
+def test_statistics_of_channels_split_over_many_blocks(dtype, shape):
+    """Channels of many values are reduced by several blocks each (at least
+    1024 vectors per channel here) whose partial results the finalize kernel
+    merges: against a float64 reference, offset so cancellation would show."""
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 10
+    x = x64.to(dtype).cuda()
+    mean, var = ops.channel_stats(x)
+    exact_mean, exact_var = reference.channel_stats(x.double().cpu())
+    theirs_var, theirs_mean = torch.var_mean(x.to(mean.dtype), dim=(0, 2, 3), unbiased=False)
+    for ours, theirs, exact in ((mean, theirs_mean, exact_mean), (var, theirs_var, exact_var)):
+        tolerance = 1e-12 if dtype == torch.float64 else 2 * rel_error(theirs.cpu(), exact) + 1e-6
+        assert rel_error(ours.cpu(), exact) <= tolerance
+    weight, bias = (v.to(mean.dtype).cuda() for v in _vectors(shape[1]))
+    grad = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).cuda()
+    ours = ops.bn_relu_backward(grad, x, mean, var, weight, bias, 1e-5, True)
+    cpu = ops.bn_relu_backward(grad.cpu(), x.cpu(), mean.cpu(), var.cpu(), weight.cpu(), bias.cpu(), 1e-5, True)
+    for a, b in zip(ours, cpu):
+        assert rel_error(a.cpu(), b) <= _tolerance(dtype)
 
 
 def test_empty_and_single_plane_inputs():
@@ -87,7 +130,7 @@ def test_empty_and_single_plane_inputs():
     mean, var = ops.channel_stats(empty)
     assert mean.isnan().all() and var.isnan().all()
     weight, bias = (v.cuda() for v in _vectors(4))
-    grads = ops.bn_relu_backward(empty, empty, weight, weight, weight, bias, True)
+    grads = ops.bn_relu_backward(empty, empty, weight, weight, weight, bias, 1e-5, True)
     assert grads[0].shape == empty.shape and (grads[1] == 0).all() and (grads[2] == 0).all()
     one = torch.randn(1, 4, 1, 1, device="cuda")
     assert torch.equal(ops.channel_stats(one)[1], torch.zeros(4, device="cuda"))
@@ -151,15 +194,19 @@ def _peak_step_bytes(num_layers, recompute=False, drop_rate=0.0, batch=16, size=
 
 @pytest.mark.parametrize("options", [{}, {"recompute": True}, {"drop_rate": 0.2}], ids=["plain", "recompute", "dropout"])
 def test_peak_memory_follows_the_model_and_is_linear(options):
-    slack = 32 * 2**20  # convolution workspaces, allocator rounding
+    """The model is exact but for what it leaves out on purpose: cuDNN's
+    workspace (measured here on the same convolutions) and the caching
+    allocator's rounding of every live block up to 512 bytes."""
     peaks = {}
     for num_layers in (8, 16, 32):
         measured, model = _peak_step_bytes(num_layers, **options)
-        assert abs(measured - model) <= 0.1 * model + slack, (num_layers, measured, model)
+        rounding = 512 * (3 * num_layers + 16)  # live tensors: per layer bottleneck, mask, grads
+        workspace = _workspace_bytes(16, 32, 24, num_layers, 12)
+        assert model - rounding <= measured <= model + workspace + rounding, (num_layers, measured, model, workspace)
         peaks[num_layers] = measured
     # Depth 8→16→32: a line grows twice as much in the second step, a quadratic four times.
     step_16, step_32 = peaks[16] - peaks[8], peaks[32] - peaks[16]
-    assert abs(step_32 - 2 * step_16) <= 0.1 * step_32 + slack, peaks
+    assert abs(step_32 - 2 * step_16) <= 0.1 * step_32, peaks
 
 
 def test_repeated_runs_are_identical():
@@ -181,17 +228,25 @@ def test_repeated_runs_are_identical():
 
 
 def test_opcheck_on_cuda():
-    x = _slice_of_buffer(2, 3, (4, 4), torch.float32).cuda().contiguous().requires_grad_()
+    x = _slices(2, 3, (4, 4), torch.float32, seed=0)["slice"].contiguous().requires_grad_()
     weight, bias = (v.cuda().requires_grad_() for v in _vectors(3))
     mean, var = ops.channel_stats(x.detach())
-    invstd = torch.rsqrt(var + 1e-5)
     torch.library.opcheck(ops.channel_stats.default, (x,))
-    torch.library.opcheck(ops.bn_relu.default, (x, mean.requires_grad_(), invstd.requires_grad_(), weight, bias))
+    torch.library.opcheck(ops.bn_relu.default, (x, mean.requires_grad_(), var.requires_grad_(), weight, bias, 1e-5))
     grad = torch.randn_like(x.detach())
-    plain = (grad, x.detach(), mean.detach(), invstd.detach(), weight.detach(), bias.detach())
+    plain = (grad, x.detach(), mean.detach(), var.detach(), weight.detach(), bias.detach(), 1e-5)
     torch.library.opcheck(ops.bn_relu_backward.default, (*plain, True))
     torch.library.opcheck(ops.bn_relu_backward_accumulate.default, (*plain, True, torch.zeros_like(grad)))
     torch.library.opcheck(ops.bn_relu_out.default, (*plain[1:], torch.empty_like(grad)))
+    stats = torch.zeros(2, 3, device="cuda")
+    torch.library.opcheck(ops.channel_stats_out.default, (x.detach(), stats[0], stats[1]))
+    torch.library.opcheck(ops.copy_with_stats.default, (x.detach(), torch.empty_like(grad), stats[0], stats[1]))
+    running = [torch.rand(3, device="cuda") for _ in range(2)]
+    torch.library.opcheck(
+        ops.update_running_stats.default,
+        ([running[0]], [running[1]], [torch.tensor(2, device="cuda")], [None], [0], mean.detach(), var.detach(),
+         torch.tensor(32, device="cuda")),
+    )
 
 
 @pytest.mark.skipif(
@@ -211,9 +266,113 @@ def test_index_math_beyond_32_bits():
     expected_var, expected_mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
     assert rel_error(mean, expected_mean) <= 1e-4 and rel_error(var, expected_var) <= 1e-4
     weight, bias = torch.ones(channels, device="cuda"), torch.zeros(channels, device="cuda")
-    out = ops.bn_relu(x, mean, torch.rsqrt(var + 1e-5), weight, bias)
-    tail = reference.bn_relu(x[-2:], mean, torch.rsqrt(var + 1e-5), weight, bias)
+    out = ops.bn_relu(x, mean, var, weight, bias, 1e-5)
+    tail = reference.bn_relu(x[-2:], mean, var, weight, bias, 1e-5)
     assert rel_error(out[-2:], tail) <= 1e-6
+
+
+def test_elementwise_index_window_just_below_int32_max():
+    """The element count fits in int32 but count + one grid stride does not:
+    the window where a 32-bit grid-stride index would wrap negative and write
+    out of bounds. Guards on both sides of the output must stay untouched."""
+    grid_stride = torch.cuda.get_device_properties(0).multi_processor_count * 16 * 256
+    plane = 5  # odd: one element per vector, so the vector count is the element count
+    batch = (2**31 - 1 - grid_stride // 2) // plane
+    count = batch * plane
+    assert count < 2**31 - 1 < count + grid_stride
+    if 2 * count * 4 + 2**30 > torch.cuda.mem_get_info()[0]:
+        pytest.skip("needs two float tensors of 2^31 elements")
+    x = torch.empty(batch, 1, 1, plane, device="cuda")
+    x.uniform_(-1, 1)
+    guard = 2**20
+    storage = torch.full((count + 2 * guard,), float("nan"), device="cuda")
+    out = storage[guard : guard + count].view(batch, 1, 1, plane)
+    ones, zeros = torch.ones(1, device="cuda"), torch.zeros(1, device="cuda")
+    ops.bn_relu_out(x, zeros, ones, ones, zeros, 0.0, out)
+    assert storage[:guard].isnan().all() and storage[guard + count :].isnan().all()
+    assert rel_error(out[-1000:], x[-1000:].clamp_min(0)) <= 1e-6
+    assert rel_error(out[:1000], x[:1000].clamp_min(0)) <= 1e-6
+
+
+def test_sync_batch_norm_with_nccl_on_one_rank():
+    """Synchronised efficient blocks with NCCL (which refuses CPU tensors):
+    on a world of one rank they equal the unsynchronised block, train and
+    eval, forward and backward."""
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        for training in (True, False):
+            synced, plain = (m.cuda().train(training) for m in (make_pair(3, 6, 4)[0], make_pair(3, 6, 4)[0]))
+            synced.sync_group = dist.group.WORLD.group_name
+            x = torch.randn(4, 6, 7, 7, dtype=torch.float64, device="cuda")
+            grad = torch.randn(4, 18, 7, 7, dtype=torch.float64, device="cuda")
+            assert_results_close(step_results(synced, x, grad), step_results(plain, x, grad), 1e-10)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative-average"])
+def test_a_training_step_of_a_block_captures_in_a_cuda_graph(momentum):
+    """No host synchronisation anywhere in a step (momentum=None reads
+    num_batches_tracked on the device): forward + backward capture in a CUDA
+    graph, and a replay equals an eager step."""
+    import copy
+
+    block = make_pair(4, 8, 6, dtype=torch.float32, momentum=momentum)[0].cuda()
+    x = torch.randn(8, 8, 12, 12, device="cuda", requires_grad=True)
+    grad = torch.randn(8, 32, 12, 12, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as the CUDA graph docs ask
+        for _ in range(2):
+            block.zero_grad(set_to_none=True)
+            block(x).backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    eager = copy.deepcopy(block)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_out = block(x)
+        captured_out.backward(grad)
+    graph.replay()
+    torch.cuda.synchronize()
+    captured = {"output": captured_out.detach().clone(), "input.grad": x.grad.clone()}
+    captured.update({f"{n}.grad": p.grad.clone() for n, p in block.named_parameters()})
+    captured.update({n: b.clone() for n, b in block.named_buffers()})
+    expected = step_results(eager, x.detach(), grad)
+    assert_results_close(captured, expected, 1e-5)
+
+
+def _workspace_bytes(batch, size, c0, num_layers, k, bn_size=4):
+    """What cuDNN's convolutions take beyond their inputs and outputs (their
+    workspace), measured on the block's widest convolutions, forward and
+    backward: the part of a step's peak the analytic model leaves out."""
+    widest = c0 + (num_layers - 1) * k
+    convs = [(widest, bn_size * k, 1), (bn_size * k, k, 3)]
+    worst = 0
+    for channels_in, channels_out, kernel in convs:
+        x = torch.randn(batch, channels_in, size, size, device="cuda")
+        w = torch.randn(channels_out, channels_in, kernel, kernel, device="cuda")
+        g = torch.randn(batch, channels_out, size, size, device="cuda")
+        for run in (
+            lambda: torch.nn.functional.conv2d(x, w, padding=kernel // 2),
+            lambda: torch.ops.aten.convolution_backward(
+                g, x, w, None, [1, 1], [kernel // 2] * 2, [1, 1], False, [0, 0], 1, [True, True, False]),
+        ):
+            run()  # algorithm choice first
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            results = run()
+            torch.cuda.synchronize()
+            kept = torch.cuda.memory_allocated() - base  # the results
+            worst = max(worst, torch.cuda.max_memory_allocated() - base - kept)
+            del results
+    return worst
 
 
 def test_torch_compile_fullgraph_on_cuda():

@@ -2,13 +2,15 @@
 float32/bfloat16/half within 2x of PyTorch's own error vs float64), gradcheck
 of the differentiable ones, and torch.library.opcheck of every one."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import make_pair, rel_error, requires_cuda
 from densenet_efficient import reference
-from densenet_efficient._ops import ops
+from densenet_efficient._ops import argument_names, math_dtype, ops, result_names
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
@@ -29,9 +31,8 @@ def bn_vectors(channels, dtype=torch.float64, device="cpu", seed=1):
     return weight.to(dtype=dtype, device=device), bias.to(dtype=dtype, device=device)
 
 
-def stats_of(x, eps=1e-5):
-    mean, var = reference.channel_stats(x)
-    return mean, torch.rsqrt(var + eps)
+def stats_of(x):
+    return reference.channel_stats(x)
 
 
 # --- parity -----------------------------------------------------------------
@@ -62,14 +63,157 @@ def test_channel_stats_low_precision(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, *LOW_PRECISION])
+def test_copy_with_stats_copies_exactly_and_matches_channel_stats(device, dtype):
+    source = channel_slice(batch=4, channels=5, height=7, width=7, dtype=dtype, device=device)
+    buffer = torch.full((4, 9, 7, 7), float("nan"), dtype=dtype, device=device)
+    stats = torch.full((2, 8), float("nan"), dtype=math_dtype(dtype), device=device)
+    ops.copy_with_stats(source, buffer[:, 3:8], stats[0, 1:6], stats[1, 1:6])
+    assert torch.equal(buffer[:, 3:8], source)
+    assert buffer[:, :3].isnan().all() and buffer[:, 8:].isnan().all()
+    mean, var = ops.channel_stats(source)
+    assert torch.equal(stats[0, 1:6], mean) and torch.equal(stats[1, 1:6], var)
+    assert stats[:, 0].isnan().all() and stats[:, 6:].isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_destinations_of_another_dtype_or_layout(device):
+    """Destinations the kernels cannot write directly (float64 for float32
+    input, a strided view; a channels-last copy target) still get the values."""
+    x = channel_slice(dtype=torch.float32, device=device)
+    mean, var = ops.channel_stats(x)
+    wide = torch.zeros(2, 10, dtype=torch.float64, device=device)
+    ops.channel_stats_out(x, wide[0, ::2], wide[1, ::2])
+    assert torch.equal(wide[0, ::2], mean.double()) and torch.equal(wide[1, ::2], var.double())
+    destination = torch.empty(3, 5, 4, 6, device=device).to(memory_format=torch.channels_last)
+    ops.copy_with_stats(x, destination, wide[0, :5], wide[1, :5])
+    assert torch.equal(destination, x) and torch.equal(wide[1, :5], var.double())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_of_an_empty_batch_are_nan(device):
+    empty = torch.empty(0, 3, 4, 4, device=device)
+    mean, var = torch.zeros(3, device=device), torch.zeros(3, device=device)
+    ops.copy_with_stats(empty, torch.empty_like(empty), mean, var)
+    assert mean.isnan().all() and var.isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momenta", [(0.1, 0.3), (None, None)], ids=["momentum", "cumulative"])
+def test_update_running_stats_matches_batch_norm(device, momenta):
+    """Two norms reading their statistics at offsets of one flat vector get
+    exactly nn.BatchNorm2d's update (momentum=None: the cumulative average,
+    1/num_batches_tracked read on the device)."""
+    g = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(3, n, 4, 4, generator=g, dtype=torch.float64).to(device) for n in (4, 3)]
+    norms = [torch.nn.BatchNorm2d(x.shape[1], momentum=m).double().to(device) for x, m in zip(inputs, momenta)]
+    for norm in norms:
+        with torch.no_grad():
+            norm.running_mean.uniform_(-1, 1, generator=None)
+            norm.num_batches_tracked.fill_(2)
+    ours = [copy.deepcopy(n) for n in norms]
+    flat_mean = torch.zeros(9, dtype=torch.float64, device=device)
+    flat_var = torch.zeros(9, dtype=torch.float64, device=device)
+    for x, offset in zip(inputs, (0, 5)):
+        ops.channel_stats_out(x, flat_mean[offset : offset + x.shape[1]], flat_var[offset : offset + x.shape[1]])
+    ops.update_running_stats(
+        [n.running_mean for n in ours], [n.running_var for n in ours], [n.num_batches_tracked for n in ours],
+        list(momenta), [0, 5], flat_mean, flat_var, torch.tensor(3 * 16, device=device),
+    )
+    for norm, x in zip(norms, inputs):
+        norm(x)  # training mode: nn.BatchNorm2d's own update
+    for mine, theirs in zip(ours, norms):
+        assert torch.equal(mine.num_batches_tracked, theirs.num_batches_tracked)
+        assert rel_error(mine.running_mean, theirs.running_mean) <= 1e-14
+        assert rel_error(mine.running_var, theirs.running_var) <= 1e-14
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_update_running_stats_of_fewer_than_two_values_only_counts_the_batch(count):
+    running_mean, running_var, tracked, momenta, offsets, mean, var, _ = _running_stats_args([0.1, None])
+    before = [t.clone() for t in running_mean + running_var]
+    ops.update_running_stats(
+        running_mean, running_var, tracked, momenta, offsets, mean * float("nan"), var, torch.tensor(count)
+    )
+    assert [int(t) for t in tracked] == [4, 1]
+    assert all(torch.equal(a, b) for a, b in zip(before, running_mean + running_var))
+
+
+def test_update_running_stats_reads_counts_on_the_device_without_synchronising():
+    """momentum=None needs num_batches_tracked and the unbiased variance the
+    count: both are read by the kernel, never by the host (no .item())."""
+    args = _running_stats_args([None, None])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        ops.update_running_stats(*args)
+    names = {e.name for e in profile.events()}
+    assert "aten::_local_scalar_dense" not in names and "aten::item" not in names, names
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_destinations_that_overlap_are_refused_before_anything_is_written(device):
+    x, mean, var, weight, bias = (t.to(device) for t in _bn_args(False))
+    # A stride-0 destination (every sample the same memory).
+    shared = torch.zeros(1, 3, 3, 2, dtype=torch.float64, device=device).expand(2, 3, 3, 2)
+    with pytest.raises(RuntimeError, match=r"elements that share memory"):
+        ops.bn_relu_out(x, mean, var, weight, bias, 1e-5, shared)
+    # Planes that overlap each other (channel stride shorter than a plane).
+    storage = torch.zeros(64, dtype=torch.float64, device=device)
+    overlapping = storage.as_strided((2, 3, 3, 2), (18, 4, 2, 1))
+    with pytest.raises(RuntimeError, match=r"elements that share memory"):
+        ops.bn_relu_backward_accumulate(x, x, mean, var, weight, bias, 1e-5, True, overlapping)
+    # A destination partly overlapping what the operator reads.
+    buffer = torch.randn(1, 8, 3, 2, dtype=torch.float64, device=device)
+    before = buffer.clone()
+    with pytest.raises(RuntimeError, match=r"partly overlaps a tensor the operator reads"):
+        ops.bn_relu_out(buffer[:, :3], mean, var, weight, bias, 1e-5, buffer[:, 2:5])
+    with pytest.raises(RuntimeError, match=r"partly overlaps a tensor the operator reads"):
+        ops.copy_with_stats(buffer[:, :3], buffer[:, 1:4], mean.clone(), var.clone())
+    with pytest.raises(RuntimeError, match=r"mean and var must not overlap"):
+        ops.channel_stats_out(x, mean, mean)
+    assert torch.equal(buffer, before) and storage.eq(0).all() and shared.eq(0).all()
+    # Channel slices of a batch (strided views ATen cannot compare): exactly.
+    batch = torch.randn(2, 8, 3, 2, dtype=torch.float64, device=device)
+    before = batch.clone()
+    with pytest.raises(RuntimeError, match=r"partly overlaps a tensor the operator reads"):
+        ops.bn_relu_out(batch[:, :3], mean, var, weight, bias, 1e-5, batch[:, 2:5])
+    with pytest.raises(RuntimeError, match=r"partly overlaps a tensor the operator reads"):
+        ops.bn_relu_backward_accumulate(x, batch[:, 1:4], mean, var, weight, bias, 1e-5, True, batch[:, 3:6])
+    assert torch.equal(batch, before)
+    ops.bn_relu_out(batch[:, :3], mean, var, weight, bias, 1e-5, batch[:, 4:7])  # disjoint: fine
+    interleaved = torch.randn(2, 6, 3, 2, dtype=torch.float64, device=device)
+    ops.bn_relu_out(interleaved[:, 0::2], mean, var, weight, bias, 1e-5, interleaved[:, 1::2])
+    assert rel_error(interleaved[:, 1::2], reference.bn_relu(interleaved[:, 0::2], mean, var, weight, bias, 1e-5)) <= 1e-13
+    # In place (full overlap) stays allowed, as for ATen's elementwise ops.
+    expected = reference.bn_relu(buffer[:, :3], mean, var, weight, bias, 1e-5)
+    ops.bn_relu_out(buffer[:, :3], mean, var, weight, bias, 1e-5, buffer[:, :3])
+    assert rel_error(buffer[:, :3], expected) <= 1e-13
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_relu_gate_follows_the_stored_output_as_pytorch_does(device, dtype):
+    """Where y = bn(x) is positive but so small that half/bfloat16 stores it as
+    0, relu's stored output is 0 and PyTorch passes no gradient; so do we."""
+    x = torch.tensor([0.0, 1.0, -1.0, 2.0], dtype=torch.float64).repeat(2, 1).view(2, 1, 2, 2).to(dtype).to(device)
+    mean, var = torch.zeros(1, device=device), torch.ones(1, device=device)
+    weight, bias = torch.ones(1, device=device), torch.full((1,), 1e-44, device=device)  # y = x + 1e-44
+    grad = torch.ones(2, 1, 2, 2, dtype=dtype, device=device)
+    ours = ops.bn_relu_backward(grad, x, mean, var, weight, bias, 0.0, False)[0]
+    y = (x.float() * weight + bias).detach().requires_grad_()  # what batch_norm computes, then stores
+    torch.relu(y.to(dtype)).backward(grad)
+    assert y.grad[0, 0, 0, 0] == 0  # the pinned case: y > 0, stored as 0, no gradient
+    assert torch.equal(ours, y.grad.to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bn_relu_float64(device):
     x = channel_slice(device=device)
     weight, bias = bn_vectors(5, device=device)
-    mean, invstd = stats_of(x)
-    out = ops.bn_relu(x, mean, invstd, weight, bias)
+    mean, var = stats_of(x)
+    out = ops.bn_relu(x, mean, var, weight, bias, 1e-5)
     expected = torch.relu(F.batch_norm(x, None, None, weight, bias, training=True, eps=1e-5))
     assert rel_error(out, expected) <= 1e-13
-    assert rel_error(out, reference.bn_relu(x, mean, invstd, weight, bias)) <= 1e-13
+    assert rel_error(out, reference.bn_relu(x, mean, var, weight, bias, 1e-5)) <= 1e-13
     assert out.is_contiguous()
 
 
@@ -78,11 +222,11 @@ def test_bn_relu_float64(device):
 def test_bn_relu_low_precision(device, dtype):
     x64 = channel_slice(device=device)
     weight, bias = bn_vectors(5, dtype=torch.float32, device=device)
-    mean, invstd = (v.float() for v in stats_of(x64))
+    mean, var = (v.float() for v in stats_of(x64))
     x = x64.to(dtype)
-    exact = reference.bn_relu(x.double(), mean.double(), invstd.double(), weight.double(), bias.double())
-    ours = ops.bn_relu(x, mean, invstd, weight, bias)
-    theirs = torch.relu(F.batch_norm(x.float(), mean, 1 / invstd**2 - 1e-5, weight, bias, eps=1e-5)).to(dtype)
+    exact = reference.bn_relu(x.double(), mean.double(), var.double(), weight.double(), bias.double(), 1e-5)
+    ours = ops.bn_relu(x, mean, var, weight, bias, 1e-5)
+    theirs = torch.relu(F.batch_norm(x.float(), mean, var, weight, bias, eps=1e-5)).to(dtype)
     assert ours.dtype == dtype
     assert rel_error(ours, exact) <= 2 * rel_error(theirs, exact) + 1e-7
 
@@ -91,15 +235,15 @@ def test_bn_relu_low_precision(device, dtype):
 def test_bn_relu_out_writes_into_a_strided_destination(device):
     x = channel_slice(device=device)
     weight, bias = bn_vectors(5, device=device)
-    mean, invstd = stats_of(x)
+    mean, var = stats_of(x)
     buffer = torch.full((3, 9, 4, 6), float("nan"), dtype=torch.float64, device=device)
     out = buffer[:, 1:6]
-    ops.bn_relu_out(x, mean, invstd, weight, bias, out)
-    assert rel_error(out, reference.bn_relu(x, mean, invstd, weight, bias)) <= 1e-13
+    ops.bn_relu_out(x, mean, var, weight, bias, 1e-5, out)
+    assert rel_error(out, reference.bn_relu(x, mean, var, weight, bias, 1e-5)) <= 1e-13
     assert buffer[:, :1].isnan().all() and buffer[:, 6:].isnan().all()
 
 
-def _batch_norm_relu_grads(x, weight, bias, grad, eps, batch_stats, mean=None, invstd=None):
+def _batch_norm_relu_grads(x, weight, bias, grad, eps, batch_stats, mean=None, var=None):
     """PyTorch's own gradients of relu(batch_norm(x))."""
     x = x.detach().clone().requires_grad_()
     weight = weight.detach().clone().requires_grad_()
@@ -107,7 +251,7 @@ def _batch_norm_relu_grads(x, weight, bias, grad, eps, batch_stats, mean=None, i
     if batch_stats:
         y = F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     else:
-        y = reference.bn_relu(x, mean, invstd, weight, bias)
+        y = reference.bn_relu(x, mean, var, weight, bias, eps)
     torch.relu(y).backward(grad)
     return x.grad, weight.grad, bias.grad
 
@@ -117,17 +261,17 @@ def _batch_norm_relu_grads(x, weight, bias, grad, eps, batch_stats, mean=None, i
 def test_bn_relu_backward_float64(device, batch_stats):
     x = channel_slice(device=device)
     weight, bias = bn_vectors(5, device=device)
-    mean, invstd = stats_of(x, eps=1e-3)
+    mean, var = stats_of(x)
     grad = torch.randn(x.shape, dtype=torch.float64, device=device)
-    expected = _batch_norm_relu_grads(x, weight, bias, grad, 1e-3, batch_stats, mean, invstd)
-    ours = ops.bn_relu_backward(grad, x, mean, invstd, weight, bias, batch_stats)
+    expected = _batch_norm_relu_grads(x, weight, bias, grad, 1e-3, batch_stats, mean, var)
+    ours = ops.bn_relu_backward(grad, x, mean, var, weight, bias, 1e-3, batch_stats)
     for name, a, b in zip(("input", "weight", "bias"), ours, expected):
         assert rel_error(a, b) <= 1e-12, name
 
     buffer = torch.randn(3, 9, 4, 6, dtype=torch.float64, device=device)
     before = buffer.clone()
     grad_weight, grad_bias = ops.bn_relu_backward_accumulate(
-        grad, x, mean, invstd, weight, bias, batch_stats, buffer[:, 2:7]
+        grad, x, mean, var, weight, bias, 1e-3, batch_stats, buffer[:, 2:7]
     )
     assert rel_error(buffer[:, 2:7], before[:, 2:7] + expected[0]) <= 1e-12
     assert torch.equal(buffer[:, :2], before[:, :2]) and torch.equal(buffer[:, 7:], before[:, 7:])
@@ -141,9 +285,9 @@ def test_bn_relu_backward_low_precision(device, dtype):
     weight, bias = bn_vectors(5, dtype=torch.float32, device=device)
     grad64 = torch.randn(x64.shape, dtype=torch.float64, device=device)
     x, grad = x64.to(dtype), grad64.to(dtype)
-    mean, invstd = (v.float() for v in stats_of(x.double()))  # batch statistics of this very input
+    mean, var = (v.float() for v in stats_of(x.double()))  # batch statistics of this very input
     exact = _batch_norm_relu_grads(x.double(), weight.double(), bias.double(), grad.double(), 1e-5, True)
-    ours = ops.bn_relu_backward(grad, x, mean, invstd, weight, bias, True)
+    ours = ops.bn_relu_backward(grad, x, mean, var, weight, bias, 1e-5, True)
     theirs = _batch_norm_relu_grads(x.float(), weight, bias, grad.float(), 1e-5, True)
     theirs = (theirs[0].to(dtype), theirs[1], theirs[2])
     for name, a, b, e in zip(("input", "weight", "bias"), ours, theirs, exact):
@@ -161,20 +305,20 @@ def test_gradcheck_channel_stats():
 def test_gradcheck_bn_relu():
     x = channel_slice(batch=2, channels=3, height=2, width=3).detach().requires_grad_()
     weight, bias = (v.requires_grad_() for v in bn_vectors(3))
-    mean, invstd = (v.detach().requires_grad_() for v in stats_of(x.detach()))
-    assert torch.autograd.gradcheck(ops.bn_relu, (x, mean, invstd, weight, bias))
+    mean, var = (v.detach().requires_grad_() for v in stats_of(x.detach()))
+    assert torch.autograd.gradcheck(ops.bn_relu, (x, mean, var, weight, bias, 1e-3))
 
 
 def test_composed_ops_give_batch_norm_gradients():
-    """channel_stats → rsqrt → bn_relu under autograd equals relu(batch_norm)
-    and equals the fused batch-statistics backward."""
+    """channel_stats → bn_relu under autograd equals relu(batch_norm) and
+    equals the fused batch-statistics backward."""
     x = channel_slice(batch=2, channels=3, height=3, width=3).detach().requires_grad_()
     weight, bias = bn_vectors(3)
     grad = torch.randn(x.shape, dtype=torch.float64)
     mean, var = ops.channel_stats(x)
-    ops.bn_relu(x, mean, torch.rsqrt(var + 1e-5), weight, bias).backward(grad)
+    ops.bn_relu(x, mean, var, weight, bias, 1e-5).backward(grad)
     expected = _batch_norm_relu_grads(x, weight, bias, grad, 1e-5, True)[0]
-    fused = ops.bn_relu_backward(grad, x.detach(), mean.detach(), torch.rsqrt(var.detach() + 1e-5), weight, bias, True)[0]
+    fused = ops.bn_relu_backward(grad, x.detach(), mean.detach(), var.detach(), weight, bias, 1e-5, True)[0]
     assert rel_error(x.grad, expected) <= 1e-12
     assert rel_error(fused, expected) <= 1e-12
 
@@ -185,8 +329,8 @@ def test_composed_ops_give_batch_norm_gradients():
 def _bn_args(requires_grad):
     x = channel_slice(batch=2, channels=3, height=3, width=2)
     weight, bias = bn_vectors(3)
-    mean, invstd = stats_of(x)
-    args = [x.contiguous(), mean, invstd, weight, bias]
+    mean, var = stats_of(x)
+    args = [x.contiguous(), mean, var, weight, bias]
     return [a.detach().clone().requires_grad_(requires_grad) for a in args]
 
 
@@ -195,51 +339,72 @@ def test_opcheck_channel_stats():
     torch.library.opcheck(ops.channel_stats.default, (channel_slice(),))
 
 
+def test_opcheck_channel_stats_out_and_copy_with_stats():
+    x = channel_slice()
+    stats = torch.zeros(2, 12, dtype=torch.float64)
+    torch.library.opcheck(ops.channel_stats_out.default, (x, stats[0, 3:8], stats[1, 3:8]))
+    buffer = torch.zeros(3, 11, 4, 6, dtype=torch.float64)
+    torch.library.opcheck(ops.copy_with_stats.default, (x, buffer[:, 4:9], stats[0, :5], stats[1, :5]))
+
+
 def test_opcheck_bn_relu():
-    torch.library.opcheck(ops.bn_relu.default, tuple(_bn_args(True)))
+    torch.library.opcheck(ops.bn_relu.default, (*_bn_args(True), 1e-5))
     out = torch.empty(2, 3, 3, 2, dtype=torch.float64)
-    torch.library.opcheck(ops.bn_relu_out.default, (*_bn_args(False), out))
+    torch.library.opcheck(ops.bn_relu_out.default, (*_bn_args(False), 1e-5, out))
 
 
 @pytest.mark.parametrize("batch_stats", [True, False])
 def test_opcheck_bn_relu_backward(batch_stats):
-    x, mean, invstd, weight, bias = _bn_args(False)
+    x, mean, var, weight, bias = _bn_args(False)
     grad = torch.randn_like(x)
-    torch.library.opcheck(ops.bn_relu_backward.default, (grad, x, mean, invstd, weight, bias, batch_stats))
+    torch.library.opcheck(ops.bn_relu_backward.default, (grad, x, mean, var, weight, bias, 1e-5, batch_stats))
     grad_sum = torch.randn_like(x)
     torch.library.opcheck(
-        ops.bn_relu_backward_accumulate.default, (grad, x, mean, invstd, weight, bias, batch_stats, grad_sum)
+        ops.bn_relu_backward_accumulate.default, (grad, x, mean, var, weight, bias, 1e-5, batch_stats, grad_sum)
+    )
+
+
+def _running_stats_args(momenta, count=12, dtype=torch.float64):
+    """Norms of 4 and 3 channels reading statistics at offsets 0 and 5 of 9."""
+    g = torch.Generator().manual_seed(3)
+    sizes, offsets = (4, 3), [0, 5]
+    return (
+        [torch.rand(n, generator=g, dtype=dtype) for n in sizes],
+        [torch.rand(n, generator=g, dtype=dtype) + 0.5 for n in sizes],
+        [torch.tensor(3), torch.tensor(0)],
+        list(momenta), offsets,
+        torch.randn(9, generator=g, dtype=torch.float64), torch.rand(9, generator=g, dtype=torch.float64),
+        torch.tensor(count),
     )
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_opcheck_update_running_stats(momentum):
-    running = [torch.rand(4, dtype=torch.float64) for _ in range(4)]
-    args = (
-        running[:2], running[2:], [torch.tensor(3), torch.tensor(0)],
-        [torch.randn(4, dtype=torch.float64) for _ in range(2)],
-        [torch.rand(4, dtype=torch.float64) for _ in range(2)],
-        [momentum, 0.3], 12,
-    )
-    torch.library.opcheck(ops.update_running_stats.default, args)
+    torch.library.opcheck(ops.update_running_stats.default, _running_stats_args([momentum, 0.3]))
 
 
 def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=True, bn_size=2):
+    """dense_block_forward's arguments by name, for a 2-layer block."""
     block, _ = make_pair(2, 3, 2, bn_size=bn_size, drop_rate=drop_rate)
     block.train(training)
-
-    def norm_args(norms):
-        running = lambda stat: [None if training else getattr(n, stat) for n in norms]  # noqa: E731
-        return [n.weight for n in norms], [n.bias for n in norms], running("running_mean"), running("running_var"), [n.eps for n in norms]
-
     block.requires_grad_(requires_grad)
     layers = list(block.values())
-    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=requires_grad)
-    return (
-        x, *norm_args([l.norm1 for l in layers]), [l.conv1.weight for l in layers],
-        *norm_args([l.norm2 for l in layers if bn_size]), [l.conv2.weight for l in layers if bn_size],
-        drop_rate if training else 0.0, recompute, requires_grad, "", 0,
-    )
+    args = {"input": torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=requires_grad)}
+    for prefix, norms in (("norm1", [l.norm1 for l in layers]), ("norm2", [l.norm2 for l in layers if bn_size])):
+        args[f"{prefix}_weight"] = [n.weight for n in norms]
+        args[f"{prefix}_bias"] = [n.bias for n in norms]
+        for stat in ("running_mean", "running_var"):
+            args[f"{prefix}_{stat}"] = [None if training else getattr(n, stat) for n in norms]
+        args[f"{prefix}_eps"] = [n.eps for n in norms]
+    args["conv1_weight"] = [l.conv1.weight for l in layers]
+    args["conv2_weight"] = [l.conv2.weight for l in layers if bn_size]
+    args.update(dropout_p=drop_rate if training else 0.0, recompute_bottleneck=recompute,
+                save_for_backward=requires_grad, sync_group="")
+    return args
+
+
+def _positional(op, args):
+    return tuple(args[name] for name in argument_names(op))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -249,7 +414,7 @@ def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=
 def test_opcheck_dense_block_forward(training, recompute, bn_size):
     for requires_grad in (True, False):
         args = _block_forward_args(training, recompute=recompute, requires_grad=requires_grad, bn_size=bn_size)
-        torch.library.opcheck(ops.dense_block_forward.default, args)
+        torch.library.opcheck(ops.dense_block_forward.default, _positional(ops.dense_block_forward.default, args))
 
 
 def test_opcheck_dense_block_forward_with_dropout():
@@ -258,7 +423,7 @@ def test_opcheck_dense_block_forward_with_dropout():
     # the seeded parity tests cover the values.
     torch.library.opcheck(
         ops.dense_block_forward.default,
-        _block_forward_args(True, drop_rate=0.5),
+        _positional(ops.dense_block_forward.default, _block_forward_args(True, drop_rate=0.5)),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
 
@@ -268,44 +433,88 @@ def test_opcheck_dense_block_forward_with_dropout():
 def test_opcheck_dense_block_backward(training, bn_size):
     args = _block_forward_args(training, drop_rate=0.3, bn_size=bn_size)
     with torch.no_grad():
-        output, bottlenecks, *stats, masks = ops.dense_block_forward(*args)
-    params = [[t.detach() if isinstance(t, torch.Tensor) else t for t in lst] if isinstance(lst, list) else lst for lst in args[1:13]]
-    grad = torch.randn_like(output)
+        results = dict(zip(result_names(ops.dense_block_forward.default), ops.dense_block_forward(**args)))
+    detached = {n: [t.detach() if isinstance(t, torch.Tensor) else t for t in v] if isinstance(v, list) else v
+                for n, v in args.items()}
+    backward_args = {**detached, **results, "grad_output": torch.randn_like(results["output"])}
     torch.library.opcheck(
-        ops.dense_block_backward.default,
-        (grad, output, *params, bottlenecks, *stats, masks, args[13], "", 0),
+        ops.dense_block_backward.default, _positional(ops.dense_block_backward.default, backward_args)
     )
+
+
+def test_block_ops_take_and_give_arguments_by_name():
+    """The Python side reads the block operators' arguments and results by
+    their schema names: every name it relies on must be in the schemas."""
+    forward, backward = ops.dense_block_forward.default, ops.dense_block_backward.default
+    forward_args, backward_args = argument_names(forward), argument_names(backward)
+    assert forward_args[0] == "input" and backward_args[0] == "grad_output"
+    for name in backward_args[1:]:  # each comes from forward's arguments or results
+        assert name in forward_args or name in result_names(forward), name
+    for name in result_names(backward):  # grad_<forward argument>
+        assert name.startswith("grad_") and name[len("grad_"):] in forward_args, name
 
 
 # --- bad arguments ----------------------------------------------------------
 
 
 def test_op_errors_name_expected_and_given():
-    x, mean, invstd, weight, bias = _bn_args(False)
+    x, mean, var, weight, bias = _bn_args(False)
     with pytest.raises(ValueError, match=r"expected input to be a 4-D tensor.*got a 3-D"):
-        ops.bn_relu(x[0], mean, invstd, weight, bias)
+        ops.bn_relu(x[0], mean, var, weight, bias, 1e-5)
     with pytest.raises(ValueError, match=r"expected weight of shape \[3\].*got shape \[4\]"):
-        ops.bn_relu(x, mean, invstd, torch.ones(4, dtype=torch.float64), bias)
+        ops.bn_relu(x, mean, var, torch.ones(4, dtype=torch.float64), bias, 1e-5)
+    with pytest.raises(ValueError, match=r"expected eps >= 0, got -1"):
+        ops.bn_relu(x, mean, var, weight, bias, -1.0)
     with pytest.raises(TypeError, match=r"expected input to be floating point, got Long"):
         ops.channel_stats(x.long())
     with pytest.raises(TypeError, match=r"expected out of dtype Double.*got Float"):
-        ops.bn_relu_out(x, mean, invstd, weight, bias, torch.empty(x.shape))
+        ops.bn_relu_out(x, mean, var, weight, bias, 1e-5, torch.empty(x.shape))
     with pytest.raises(ValueError, match=r"grad_output of shape"):
-        ops.bn_relu_backward(x[:1], x, mean, invstd, weight, bias, True)
-    with pytest.raises(ValueError, match=r"count .* must be 0 or at least 2, got 1"):
-        ops.update_running_stats([mean.clone()], [invstd.clone()], [torch.tensor(0)], [mean], [invstd], [0.1], 1)
+        ops.bn_relu_backward(x[:1], x, mean, var, weight, bias, 1e-5, True)
+    with pytest.raises(ValueError, match=r"expected mean of shape \[3\].*got shape \[2\]"):
+        ops.copy_with_stats(x, torch.empty_like(x), mean[:2], var)
+
+
+def test_update_running_stats_errors_name_expected_and_given():
+    args = list(_running_stats_args([0.1, 0.1]))
+    before = [t.clone() for t in args[0] + args[1] + args[2]]
+    bad_offsets = args[:4] + [[0, 7]] + args[5:]
+    with pytest.raises(ValueError, match=r"norm 1: its 3 statistics from offset 7 do not lie within the 9"):
+        ops.update_running_stats(*bad_offsets)
+    mixed = [[args[0][0], args[0][1].float()], [args[1][0], args[1][1].float()]] + args[2:]
+    with pytest.raises(TypeError, match=r"every running statistic in one floating-point dtype \(Double\), norm 1 has Float"):
+        ops.update_running_stats(*mixed)
+    with pytest.raises(ValueError, match=r"expected count to be one int64 value, got a Float"):
+        ops.update_running_stats(*args[:7], torch.tensor(12.0))
+    with pytest.raises(ValueError, match=r"one entry per norm \(2\).*1 offsets"):
+        ops.update_running_stats(*args[:4], [0], *args[5:])
+    after = args[0] + args[1] + args[2]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # nothing was written
+
+
+def test_update_running_stats_refuses_tensors_that_share_memory():
+    """Each norm is a GPU block of its own: a num_batches_tracked shared by two
+    norms would lose an increment, running statistics aliasing the batch
+    statistics would race."""
+    running_mean, running_var, tracked, momenta, offsets, mean, var, count = _running_stats_args([0.1, None])
+    with pytest.raises(RuntimeError, match=r"two of them share memory"):
+        ops.update_running_stats(running_mean, running_var, [tracked[0], tracked[0]], momenta, offsets, mean, var, count)
+    with pytest.raises(RuntimeError, match=r"two of them share memory"):
+        ops.update_running_stats([mean[:4], running_mean[1]], running_var, tracked, momenta, offsets, mean, var, count)
+    assert [int(t) for t in tracked] == [3, 0]
 
 
 def test_block_op_errors_name_expected_and_given():
-    args = list(_block_forward_args(True, requires_grad=False))
-    bad_input = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    args = _block_forward_args(True, requires_grad=False)
+    bad = dict(args, input=torch.randn(2, 4, 3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"expected an input with 3 channels.*got input of shape \[2, 4, 3, 3\]"):
-        ops.dense_block_forward(bad_input, *args[1:])
-    wrong_conv = list(args[6])
+        ops.dense_block_forward(**bad)
+    wrong_conv = list(args["conv1_weight"])
     wrong_conv[1] = torch.randn(4, 6, 1, 1, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"layer 2 conv1.weight should have shape \[4, 5, 1, 1\], got \[4, 6, 1, 1\]"):
-        ops.dense_block_forward(*args[:6], wrong_conv, *args[7:])
+        ops.dense_block_forward(**dict(args, conv1_weight=wrong_conv))
+    norm1_weight = [args["norm1_weight"][0].float(), args["norm1_weight"][1]]
     with pytest.raises(TypeError, match=r"layer 1 norm1.weight has dtype Float but the input has dtype Double"):
-        ops.dense_block_forward(args[0], [args[1][0].float(), args[1][1]], *args[2:])
+        ops.dense_block_forward(**dict(args, norm1_weight=norm1_weight))
     with pytest.raises(ValueError, match=r"dropout probability has to be between 0 and 1, got 1.5"):
-        ops.dense_block_forward(*args[:13], 1.5, *args[14:])  # dropout_p
+        ops.dense_block_forward(**dict(args, dropout_p=1.5))

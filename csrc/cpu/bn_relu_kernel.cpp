@@ -1,19 +1,22 @@
 // CPU kernels of the per-channel operators of the efficient dense block:
-// channel statistics, fused BatchNorm+ReLU forward and its backward.
+// channel statistics (alone, or fused with the copy of new features), fused
+// BatchNorm+ReLU forward and its backward, and the running-statistics update.
 //
 // Layout: a [N, C, H, W] tensor whose H×W planes are contiguous (the block
 // buffer, channel slices of it, NCHW scratches). Each plane is one vectorised
 // run; reductions accumulate per plane in the math type (float for
 // half/bfloat16) and across planes in double. Threads split the channels
 // (reductions) or the planes (elementwise).
-#include "../bn_relu_common.h"
+#include "../per_channel_ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <cmath>
 
 namespace densenet_efficient {
 namespace {
@@ -61,6 +64,18 @@ math_t plane_sum(const scalar_t* x, int64_t n) {
   return sum;
 }
 
+// Copies a plane and returns the sum of what it copied.
+template <typename scalar_t, typename math_t>
+math_t plane_copy_sum(const scalar_t* x, scalar_t* out, int64_t n) {
+  math_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = x[i];
+    sum += static_cast<math_t>(x[i]);
+  }
+  return sum;
+}
+
 template <typename scalar_t, typename math_t>
 math_t plane_squared_deviations(const scalar_t* x, int64_t n, math_t mean) {
   math_t sum = 0;
@@ -71,6 +86,26 @@ math_t plane_squared_deviations(const scalar_t* x, int64_t n, math_t mean) {
   }
   return sum;
 }
+
+// The affine form of BatchNorm (ATen's): y = x·scale + shift with
+// scale = γ·invstd, shift = β − μ·scale, invstd = 1/sqrt(var + ε). Forward and
+// backward both form it here, so the ReLU gate recomputed in backward is
+// bit-identical to the forward's.
+template <typename math_t>
+struct Affine {
+  math_t invstd, scale, shift, mean;
+
+  Affine(const ChannelVectors& v, int64_t c, double eps) {
+    const auto* m = v.mean.const_data_ptr<math_t>();
+    const auto* var = v.var.const_data_ptr<math_t>();
+    const auto* w = v.weight.const_data_ptr<math_t>();
+    const auto* b = v.bias.const_data_ptr<math_t>();
+    invstd = math_t(1) / std::sqrt(var[c] + static_cast<math_t>(eps));
+    scale = w[c] * invstd;
+    shift = b[c] - m[c] * scale;
+    mean = m[c];
+  }
+};
 
 // relu(x * scale + shift); NaN stays NaN, as torch.relu.
 template <typename scalar_t, typename math_t>
@@ -87,11 +122,14 @@ void plane_bn_relu(
   }
 }
 
-// The ReLU gate of backward: the gradient passes unless y <= 0 (ATen's
-// threshold_backward), with y recomputed exactly as plane_bn_relu does.
-template <typename math_t>
+// The ReLU gate of backward: the gradient passes unless the stored output is
+// <= 0 (ATen's threshold_backward gates on relu's result), so y is rounded to
+// the stored type first: a tiny positive y that half/bfloat16 rounds to zero
+// passes no gradient, as in PyTorch.
+template <typename scalar_t, typename math_t>
 inline math_t gated(math_t grad, math_t x, math_t scale, math_t shift) {
-  return x * scale + shift <= 0 ? math_t(0) : grad;
+  const math_t stored = static_cast<math_t>(static_cast<scalar_t>(x * scale + shift));
+  return stored <= 0 ? math_t(0) : grad;
 }
 
 template <typename scalar_t, typename math_t>
@@ -108,7 +146,7 @@ void plane_grad_sums(
 #pragma omp simd reduction(+ : g_total, gc_total)
   for (int64_t i = 0; i < n; ++i) {
     const math_t v = static_cast<math_t>(x[i]);
-    const math_t g = gated(static_cast<math_t>(grad_out[i]), v, scale, shift);
+    const math_t g = gated<scalar_t>(static_cast<math_t>(grad_out[i]), v, scale, shift);
     g_total += g;
     gc_total += g * (v - mean);
   }
@@ -131,7 +169,7 @@ void plane_grad_input(
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const math_t v = static_cast<math_t>(x[i]);
-    const math_t g = gated(static_cast<math_t>(grad_out[i]), v, scale, shift);
+    const math_t g = gated<scalar_t>(static_cast<math_t>(grad_out[i]), v, scale, shift);
     math_t d = scale * (g - mean_g - (v - mean) * centered_coef);
     if constexpr (accumulate) {
       d += static_cast<math_t>(grad_in[i]);
@@ -140,44 +178,90 @@ void plane_grad_input(
   }
 }
 
+// Mean and biased variance per channel of `x`, two passes (the second over
+// deviations from the mean, so no cancellation between large sums). With a
+// `copy_to`, the first pass also copies x there.
+template <typename scalar_t>
+void channel_stats_impl(
+    const at::Tensor& input,
+    const at::Tensor* copy_to,
+    const at::Tensor& mean,
+    const at::Tensor& var) {
+  using math_t = at::opmath_type<scalar_t>;
+  const int64_t batch = input.size(0), channels = input.size(1);
+  const int64_t plane_size = input.size(2) * input.size(3);
+  const int64_t count = batch * plane_size;
+  const auto x = read_planes<scalar_t>(input);
+  const auto out = copy_to != nullptr ? write_planes<scalar_t>(*copy_to) : Planes<scalar_t>{};
+  auto* mean_out = mean.mutable_data_ptr<math_t>();
+  auto* var_out = var.mutable_data_ptr<math_t>();
+  at::parallel_for(0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double sum = 0;
+      for (int64_t n = 0; n < batch; ++n) {
+        sum += copy_to != nullptr
+            ? plane_copy_sum<scalar_t, math_t>(x.plane(n, c), out.plane(n, c), plane_size)
+            : plane_sum<scalar_t, math_t>(x.plane(n, c), plane_size);
+      }
+      const math_t m = static_cast<math_t>(sum / count);
+      double squared_deviations = 0;
+      for (int64_t n = 0; n < batch; ++n) {
+        squared_deviations +=
+            plane_squared_deviations<scalar_t, math_t>(x.plane(n, c), plane_size, m);
+      }
+      mean_out[c] = m;
+      var_out[c] = static_cast<math_t>(squared_deviations / count);
+    }
+  });
+}
+
+template <typename running_t, typename stat_t>
+void update_running_stats_impl(const RunningStatsUpdate& update) {
+  const int64_t count = update.count.const_data_ptr<int64_t>()[0];
+  const auto* batch_mean = update.batch_mean.const_data_ptr<stat_t>();
+  const auto* batch_var = update.batch_var.const_data_ptr<stat_t>();
+  const double unbias = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 0;
+  for (const auto& norm : update.norms) {
+    auto* tracked = norm.num_batches_tracked.mutable_data_ptr<int64_t>();
+    *tracked += 1;
+    if (count < 2) {
+      continue;
+    }
+    const double factor = norm.momentum.has_value() ? *norm.momentum : 1.0 / static_cast<double>(*tracked);
+    auto* mean = norm.mean.mutable_data_ptr<running_t>();
+    auto* var = norm.var.mutable_data_ptr<running_t>();
+    for (const auto c : c10::irange(norm.mean.numel())) {
+      const auto i = norm.offset + c;
+      mean[c] = static_cast<running_t>(
+          (1 - factor) * static_cast<double>(mean[c]) + factor * static_cast<double>(batch_mean[i]));
+      var[c] = static_cast<running_t>(
+          (1 - factor) * static_cast<double>(var[c]) +
+          factor * unbias * static_cast<double>(batch_var[i]));
+    }
+  }
+}
+
 struct CpuKernels {
-  // Mean and biased variance per channel, two passes (the second over
-  // deviations from the mean, so no cancellation between large sums).
-  static void channel_stats(const at::Tensor& input, at::Tensor& mean, at::Tensor& var) {
-    const int64_t batch = input.size(0), channels = input.size(1);
-    const int64_t plane_size = input.size(2) * input.size(3);
-    const int64_t count = batch * plane_size;
+  static void channel_stats(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_cpu", [&] {
-          using math_t = at::opmath_type<scalar_t>;
-          const auto x = read_planes<scalar_t>(input);
-          auto* mean_out = mean.mutable_data_ptr<math_t>();
-          auto* var_out = var.mutable_data_ptr<math_t>();
-          at::parallel_for(
-              0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
-                for (int64_t c = begin; c < end; ++c) {
-                  double sum = 0;
-                  for (int64_t n = 0; n < batch; ++n) {
-                    sum += plane_sum<scalar_t, math_t>(x.plane(n, c), plane_size);
-                  }
-                  const math_t m = static_cast<math_t>(sum / count);
-                  double squared_deviations = 0;
-                  for (int64_t n = 0; n < batch; ++n) {
-                    squared_deviations += plane_squared_deviations<scalar_t, math_t>(
-                        x.plane(n, c), plane_size, m);
-                  }
-                  mean_out[c] = m;
-                  var_out[c] = static_cast<math_t>(squared_deviations / count);
-                }
-              });
-        });
+        at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_cpu",
+        [&] { channel_stats_impl<scalar_t>(input, nullptr, mean, var); });
   }
 
-  // out = max(0, x * scale + shift) with scale = weight * invstd and
-  // shift = bias - mean * scale (the same affine form as ATen's batch_norm).
+  static void copy_with_stats(
+      const at::Tensor& source,
+      const at::Tensor& destination,
+      const at::Tensor& mean,
+      const at::Tensor& var) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, source.scalar_type(), "copy_with_stats_cpu",
+        [&] { channel_stats_impl<scalar_t>(source, &destination, mean, var); });
+  }
+
   static void bn_relu(
       const at::Tensor& input,
       const ChannelVectors& vectors,
+      double eps,
       const at::Tensor& out) {
     const int64_t batch = input.size(0), channels = input.size(1);
     const int64_t plane_size = input.size(2) * input.size(3);
@@ -186,19 +270,14 @@ struct CpuKernels {
           using math_t = at::opmath_type<scalar_t>;
           const auto x = read_planes<scalar_t>(input);
           const auto y = write_planes<scalar_t>(out);
-          const auto* m = vectors.mean.const_data_ptr<math_t>();
-          const auto* r = vectors.invstd.const_data_ptr<math_t>();
-          const auto* w = vectors.weight.const_data_ptr<math_t>();
-          const auto* b = vectors.bias.const_data_ptr<math_t>();
           at::parallel_for(
               0, batch * channels, grain_for(plane_size),
               [&](int64_t begin, int64_t end) {
                 for (int64_t i = begin; i < end; ++i) {
                   const int64_t n = i / channels, c = i % channels;
-                  const math_t scale = w[c] * r[c];
-                  const math_t shift = b[c] - m[c] * scale;
+                  const Affine<math_t> a(vectors, c, eps);
                   plane_bn_relu<scalar_t, math_t>(
-                      x.plane(n, c), y.plane(n, c), plane_size, scale, shift);
+                      x.plane(n, c), y.plane(n, c), plane_size, a.scale, a.shift);
                 }
               });
         });
@@ -218,6 +297,7 @@ struct CpuKernels {
       const at::Tensor& grad_output,
       const at::Tensor& input,
       const ChannelVectors& vectors,
+      double eps,
       bool batch_stats,
       const at::Tensor& grad_input,
       const at::Tensor& grad_weight,
@@ -232,42 +312,46 @@ struct CpuKernels {
           const auto x = read_planes<scalar_t>(input);
           const auto dy = read_planes<scalar_t>(grad_output);
           const auto dx = write_planes<scalar_t>(grad_input);
-          const auto* m = vectors.mean.const_data_ptr<math_t>();
-          const auto* r = vectors.invstd.const_data_ptr<math_t>();
-          const auto* w = vectors.weight.const_data_ptr<math_t>();
-          const auto* b = vectors.bias.const_data_ptr<math_t>();
           auto* dw = grad_weight.mutable_data_ptr<math_t>();
           auto* db = grad_bias.mutable_data_ptr<math_t>();
           at::parallel_for(
               0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
                 for (int64_t c = begin; c < end; ++c) {
-                  const math_t scale = w[c] * r[c];
-                  const math_t shift = b[c] - m[c] * scale;
-                  const math_t mu = m[c];
+                  const Affine<math_t> a(vectors, c, eps);
                   double sum_g = 0, sum_g_centered = 0;
                   for (int64_t n = 0; n < batch; ++n) {
                     math_t plane_g, plane_g_centered;
                     plane_grad_sums<scalar_t, math_t>(
-                        dy.plane(n, c), x.plane(n, c), plane_size, scale, shift,
-                        mu, plane_g, plane_g_centered);
+                        dy.plane(n, c), x.plane(n, c), plane_size, a.scale, a.shift,
+                        a.mean, plane_g, plane_g_centered);
                     sum_g += plane_g;
                     sum_g_centered += plane_g_centered;
                   }
-                  dw[c] = static_cast<math_t>(sum_g_centered * r[c]);
+                  dw[c] = static_cast<math_t>(sum_g_centered * a.invstd);
                   db[c] = static_cast<math_t>(sum_g);
                   const math_t mean_g =
                       batch_stats ? static_cast<math_t>(sum_g / count) : 0;
                   const math_t centered_coef = batch_stats
-                      ? static_cast<math_t>(sum_g_centered * r[c] * r[c] / count)
+                      ? static_cast<math_t>(sum_g_centered * a.invstd * a.invstd / count)
                       : 0;
                   for (int64_t n = 0; n < batch; ++n) {
                     plane_grad_input<accumulate, scalar_t, math_t>(
                         dy.plane(n, c), x.plane(n, c), dx.plane(n, c),
-                        plane_size, scale, shift, mu, mean_g, centered_coef);
+                        plane_size, a.scale, a.shift, a.mean, mean_g, centered_coef);
                   }
                 }
               });
         });
+  }
+
+  static void update_running_stats(const RunningStatsUpdate& update) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, update.batch_mean.scalar_type(), "update_running_stats_cpu", [&] {
+      using stat_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, update.norms.front().mean.scalar_type(),
+          "update_running_stats_cpu", [&] { update_running_stats_impl<scalar_t, stat_t>(update); });
+    });
   }
 };
 

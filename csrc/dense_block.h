@@ -1,0 +1,156 @@
+// The efficient dense block's shared pieces: its layers and norms as the
+// operators receive them, the layout of its per-channel statistics, and the
+// convolution and dropout steps of a layer. The operators themselves live in
+// dense_block_forward.cpp and dense_block_backward.cpp, their argument checks
+// in dense_block_validation.cpp, synchronised BatchNorm in
+// dense_block_sync.cpp; see docs/design.md for the data path.
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace densenet_efficient::block {
+
+using at::Tensor;
+using OptionalTensors = c10::List<std::optional<Tensor>>;
+
+struct Norm {
+  Tensor weight;
+  Tensor bias;
+  std::optional<Tensor> running_mean;  // absent: normalise by batch statistics
+  std::optional<Tensor> running_var;
+  double eps = 0;
+
+  bool uses_batch_stats() const {
+    return !running_mean.has_value();
+  }
+};
+
+// A DenseNet-B layer (norm1 → conv1 1×1 → norm2 → conv2 3×3), or a plain
+// DenseNet layer (norm1 → conv1 3×3; norm2 and conv2 unused).
+struct Layer {
+  Norm norm1;
+  Tensor conv1_weight;
+  Norm norm2;
+  Tensor conv2_weight;
+};
+
+struct Block {
+  std::vector<Layer> layers;
+  int64_t num_input_features;
+  int64_t growth_rate;
+  int64_t bottleneck_width;  // 0: plain layers
+
+  bool has_bottleneck() const {
+    return bottleneck_width > 0;
+  }
+  int64_t num_layers() const {
+    return static_cast<int64_t>(layers.size());
+  }
+  // Channels layer l reads: the block input and every earlier layer's output.
+  int64_t in_channels(int64_t l) const {
+    return num_input_features + l * growth_rate;
+  }
+  int64_t out_channels() const {
+    return in_channels(num_layers());
+  }
+  // The widest norm1 input, that of the last layer.
+  int64_t max_in_channels() const {
+    return in_channels(num_layers() - 1);
+  }
+  bool any_norm1_batch_stats() const;
+  bool any_batch_stats() const;
+};
+
+// The parameter lists as the schemas pass them, one entry per layer.
+struct BlockArgs {
+  at::TensorList norm1_weight;
+  at::TensorList norm1_bias;
+  const OptionalTensors& norm1_running_mean;
+  const OptionalTensors& norm1_running_var;
+  at::ArrayRef<double> norm1_eps;
+  at::TensorList conv1_weight;
+  at::TensorList norm2_weight;
+  at::TensorList norm2_bias;
+  const OptionalTensors& norm2_running_mean;
+  const OptionalTensors& norm2_running_var;
+  at::ArrayRef<double> norm2_eps;
+  at::TensorList conv2_weight;
+};
+
+// Validates every per-layer argument against `input` (the block input, or
+// for backward the block output, which has the same dtype and device).
+Block make_block(
+    const char* op,
+    const BlockArgs& args,
+    const Tensor& input,
+    int64_t num_input_features);
+
+// PyTorch's rule for batch statistics (torch.nn.functional.batch_norm): more
+// than one value per channel.
+void check_batch_rule(const char* op, const Block& block, const Tensor& input);
+
+// Elements [start, start + length) of `t` along `dim`, as one view: a single
+// operator call (slice and narrow make two or three, and these run several
+// times per layer).
+Tensor range_of(const Tensor& t, int64_t dim, int64_t start, int64_t length);
+
+// The batch statistics of a forward pass, in two flat vectors (mean, biased
+// variance) in the math type: first the C_max channels some norm1 reads, then
+// each layer's bottleneck (4k channels). Entries of norms that use running
+// statistics stay zero. update_running_stats reads them by offset.
+struct BlockStats {
+  Tensor mean;
+  Tensor var;
+  int64_t num_channels;      // C_max
+  int64_t bottleneck_width;  // 4k
+
+  static int64_t size(const Block& block) {
+    return block.max_in_channels() + block.num_layers() * block.bottleneck_width;
+  }
+  int64_t bottleneck_offset(int64_t l) const {
+    return num_channels + l * bottleneck_width;
+  }
+  static Tensor slice(const Tensor& v, int64_t start, int64_t length) {
+    return range_of(v, 0, start, length);
+  }
+};
+
+// What a norm normalises with: batch or running statistics, and its eps.
+struct Normalization {
+  Tensor mean;
+  Tensor var;
+  double eps;
+};
+
+// norm1 of layer l: batch statistics of channels [0, C_l), or its running ones.
+Normalization norm1_normalization(const Block& block, int64_t l, const BlockStats& stats);
+// norm2 of layer l: batch statistics of its bottleneck, or its running ones.
+Normalization norm2_normalization(const Block& block, int64_t l, const BlockStats& stats);
+
+// relu(norm(input)) into `out`.
+void apply_bn_relu(const Norm& norm, const Normalization& n, const Tensor& input, const Tensor& out);
+
+// The first `sizes` elements of a flat scratch buffer, as a contiguous tensor.
+Tensor scratch_view(const Tensor& scratch, at::IntArrayRef sizes);
+
+Tensor conv1x1(const Tensor& input, const Tensor& weight);
+Tensor conv3x3(const Tensor& input, const Tensor& weight);
+
+// Gradients of a bias-free, stride-1 conv2d w.r.t. its input and weight.
+std::tuple<Tensor, Tensor> conv_backward(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& weight,
+    int64_t padding);
+
+// Dropout as F.dropout draws it (seeded runs match the reference), with the
+// mask backward needs.
+std::tuple<Tensor, Tensor> dropout_with_mask(const Tensor& input, double p);
+Tensor dropout_backward(const Tensor& grad, const Tensor& mask, double p);
+
+} // namespace densenet_efficient::block

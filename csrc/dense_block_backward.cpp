@@ -1,0 +1,170 @@
+// dense_block_backward: the efficient block's backward pass, layers in
+// reverse (docs/design.md). The BN-ReLU outputs are recomputed into shared
+// scratch buffers and every layer's input gradient is accumulated in place
+// into one gradient buffer.
+#include "dense_block.h"
+#include "dense_block_sync.h"
+#include "ops.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+namespace densenet_efficient::block {
+namespace {
+
+using BackwardResult = std::tuple<
+    Tensor,
+    std::vector<Tensor>,
+    std::vector<Tensor>,
+    std::vector<Tensor>,
+    std::vector<Tensor>,
+    std::vector<Tensor>,
+    std::vector<Tensor>>;
+
+BackwardResult dense_block_backward(
+    const Tensor& grad_output,
+    const Tensor& output,
+    at::TensorList norm1_weight,
+    at::TensorList norm1_bias,
+    const OptionalTensors& norm1_running_mean,
+    const OptionalTensors& norm1_running_var,
+    at::ArrayRef<double> norm1_eps,
+    at::TensorList conv1_weight,
+    at::TensorList norm2_weight,
+    at::TensorList norm2_bias,
+    const OptionalTensors& norm2_running_mean,
+    const OptionalTensors& norm2_running_var,
+    at::ArrayRef<double> norm2_eps,
+    at::TensorList conv2_weight,
+    at::TensorList bottlenecks,
+    const Tensor& batch_mean,
+    const Tensor& batch_var,
+    const Tensor& count,
+    at::TensorList dropout_masks,
+    double dropout_p,
+    c10::string_view sync_group) {
+  constexpr const char* op = "dense_block_backward";
+  TORCH_CHECK_VALUE(
+      output.dim() == 4 && !conv1_weight.empty() &&
+          conv1_weight[0].dim() == 4,
+      op, ": expected a 4-D block output and at least one layer");
+  const Block block = make_block(
+      op,
+      {norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var,
+       norm1_eps, conv1_weight, norm2_weight, norm2_bias, norm2_running_mean,
+       norm2_running_var, norm2_eps, conv2_weight},
+      output, conv1_weight[0].size(1));
+  const auto num_layers = block.num_layers();
+  TORCH_CHECK_VALUE(
+      output.size(1) == block.out_channels(), op, ": expected a block output with ",
+      block.out_channels(), " channels, got ", output.sizes());
+  TORCH_CHECK_VALUE(
+      grad_output.sizes() == output.sizes(), op, ": grad_output has shape ",
+      grad_output.sizes(), " but the block output has shape ", output.sizes());
+  TORCH_CHECK_VALUE(
+      bottlenecks.empty() ||
+          static_cast<int64_t>(bottlenecks.size()) == num_layers,
+      op, ": expected no saved bottlenecks (recompute) or one per layer (",
+      num_layers, "), got ", bottlenecks.size());
+  TORCH_CHECK_VALUE(
+      dropout_p == 0 ||
+          static_cast<int64_t>(dropout_masks.size()) == num_layers,
+      op, ": expected one dropout mask per layer (", num_layers, "), got ",
+      dropout_masks.size());
+  const std::vector<int64_t> stats_shape{BlockStats::size(block)};
+  TORCH_CHECK_VALUE(
+      batch_mean.sizes() == stats_shape && batch_var.sizes() == stats_shape, op,
+      ": expected saved statistics of shape ", stats_shape, ", got ", batch_mean.sizes(),
+      " and ", batch_var.sizes());
+  TORCH_CHECK_VALUE(
+      count.numel() == 1, op, ": expected count to hold one value, got shape ", count.sizes());
+
+  const auto batch = output.size(0), height = output.size(2), width = output.size(3);
+  const auto growth = block.growth_rate;
+  const BlockStats stats{batch_mean, batch_var, block.max_in_channels(), block.bottleneck_width};
+  const SyncBatchNorm sync{sync_group};
+  auto grad_features = at::empty(
+      output.sizes(), output.options(), at::MemoryFormat::Contiguous);
+  grad_features.copy_(grad_output);
+  auto norm1_scratch = at::empty(
+      {batch * block.max_in_channels() * height * width}, output.options());
+  auto norm2_out = at::empty(
+      {batch, block.bottleneck_width, height, width}, output.options());
+
+  const auto bottleneck_layers = block.has_bottleneck() ? num_layers : 0;
+  std::vector<Tensor> grad_norm1_weight(num_layers), grad_norm1_bias(num_layers),
+      grad_conv1_weight(num_layers), grad_norm2_weight(bottleneck_layers),
+      grad_norm2_bias(bottleneck_layers), grad_conv2_weight(bottleneck_layers);
+  for (int64_t l = num_layers - 1; l >= 0; --l) {
+    const auto& layer = block.layers[l];
+    const auto channels = block.in_channels(l);
+    // Every later layer has already added its share: this slice is complete.
+    auto grad_new_features = range_of(grad_features, 1, channels, growth);
+    if (dropout_p > 0) {
+      grad_new_features =
+          dropout_backward(grad_new_features, dropout_masks[l], dropout_p);
+    }
+    const auto features = range_of(output, 1, 0, channels);
+    const auto norm1 = norm1_normalization(block, l, stats);
+    auto norm1_out = scratch_view(norm1_scratch, {batch, channels, height, width});
+    apply_bn_relu(layer.norm1, norm1, features, norm1_out);
+
+    Tensor grad_norm1_out;
+    if (block.has_bottleneck()) {
+      const auto bottleneck = bottlenecks.empty()
+          ? conv1x1(norm1_out, layer.conv1_weight)
+          : bottlenecks[l];
+      const auto norm2 = norm2_normalization(block, l, stats);
+      apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
+      auto [grad_norm2_out, grad_conv2] =
+          conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
+      auto [grad_bottleneck, grad_weight2, grad_bias2] =
+          sync.enabled() && layer.norm2.uses_batch_stats()
+          ? sync.bn_relu_backward(grad_norm2_out, bottleneck, norm2, layer.norm2, count)
+          : ops::bn_relu_backward(
+                grad_norm2_out, bottleneck, norm2.mean, norm2.var, layer.norm2.weight,
+                layer.norm2.bias, norm2.eps, layer.norm2.uses_batch_stats());
+      std::tie(grad_norm1_out, grad_conv1_weight[l]) =
+          conv_backward(grad_bottleneck, norm1_out, layer.conv1_weight, 0);
+      grad_norm2_weight[l] = std::move(grad_weight2);
+      grad_norm2_bias[l] = std::move(grad_bias2);
+      grad_conv2_weight[l] = std::move(grad_conv2);
+    } else {
+      std::tie(grad_norm1_out, grad_conv1_weight[l]) =
+          conv_backward(grad_new_features, norm1_out, layer.conv1_weight, 1);
+    }
+    auto grad_features_in = range_of(grad_features, 1, 0, channels);
+    if (sync.enabled() && layer.norm1.uses_batch_stats()) {
+      Tensor grad_in;
+      std::tie(grad_in, grad_norm1_weight[l], grad_norm1_bias[l]) =
+          sync.bn_relu_backward(grad_norm1_out, features, norm1, layer.norm1, count);
+      grad_features_in.add_(grad_in);
+    } else {
+      std::tie(grad_norm1_weight[l], grad_norm1_bias[l]) =
+          ops::bn_relu_backward_accumulate(
+              grad_norm1_out, features, norm1.mean, norm1.var, layer.norm1.weight,
+              layer.norm1.bias, norm1.eps, layer.norm1.uses_batch_stats(), grad_features_in);
+    }
+  }
+  auto grad_input = range_of(grad_features, 1, 0, block.num_input_features)
+                        .contiguous();
+  return {
+      grad_input,
+      grad_norm1_weight,
+      grad_norm1_bias,
+      grad_conv1_weight,
+      grad_norm2_weight,
+      grad_norm2_bias,
+      grad_conv2_weight};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(densenet_efficient, CompositeExplicitAutograd, m) {
+  m.impl("dense_block_backward", &dense_block_backward);
+}
+
+} // namespace densenet_efficient::block

@@ -1,0 +1,80 @@
+// Launch decisions of the CUDA kernels (vector width, how memory is walked,
+// 32- or 64-bit index arithmetic, grid shape) as pure host functions. They
+// hold no CUDA code, so they are compiled into every build and CPU tests cover
+// their edge cases; the kernels only carry the plans out.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace densenet_efficient::launch {
+
+constexpr int kThreads = 256;
+// Widest load/store: 16 bytes (4 float, 8 half/bfloat16, 2 double).
+constexpr int kMaxVectorBytes = 16;
+// Grid of the elementwise kernels: at most this many blocks per multiprocessor
+// (each thread then loops).
+constexpr int64_t kElementwiseBlocksPerMultiprocessor = 16;
+// Reductions: about this many blocks per multiprocessor, none with fewer than
+// kMinVectorsPerBlock vectors to reduce.
+constexpr int64_t kReductionBlocksPerMultiprocessor = 4;
+constexpr int64_t kMinVectorsPerBlock = kThreads * 4;
+constexpr int64_t kMaxGridY = 65535;
+
+// The [N, C, P] shape of a tensor as the kernels see it: P = H·W elements per
+// plane, every plane one contiguous run of memory.
+struct Shape {
+  int64_t batch;
+  int64_t channels;
+  int64_t plane_size;
+};
+
+// Where a tensor's planes lie: base address in bytes and the element strides
+// between samples and between channels.
+struct PlaneLayout {
+  uintptr_t address;
+  int64_t stride_n;
+  int64_t stride_c;
+};
+
+// Elementwise kernels walk "runs": the longest stretches that every tensor
+// stores contiguously and in the same order. When every tensor keeps a
+// sample's planes back to back (stride_c == P: NCHW tensors and channel slices
+// of them), a run is one sample's C·P elements; otherwise it is one plane.
+// A vector may then cross from one channel's plane into the next.
+struct ElementwisePlan {
+  int vector = 1;                // elements per load/store
+  int64_t channels_per_run = 1;  // C (a sample's planes are one run) or 1
+  int64_t run_length = 0;        // elements per run
+  int64_t runs = 0;              // N·C / channels_per_run
+  int64_t vectors = 0;           // vectors over all runs
+  int64_t blocks = 0;            // grid size (1-D, grid-stride loop)
+  bool index32 = false;          // every index the kernel forms fits int32
+};
+
+// Per-channel reductions: block (c, s) reduces chunk s of channel c's N·P
+// elements, read in vectors that never cross a plane.
+struct ReductionPlan {
+  int vector = 1;
+  int64_t vectors_per_plane = 0;
+  int64_t vectors_per_channel = 0;
+  int64_t chunks = 0;  // blocks per channel (gridDim.y)
+  int64_t chunk = 0;   // vectors per block
+  bool index32 = false;
+};
+
+// `tensors` are every tensor the kernel reads or writes with this shape;
+// `element_size` their element size in bytes. Shapes must be non-empty.
+ElementwisePlan plan_elementwise(
+    const Shape& shape,
+    int element_size,
+    const std::vector<PlaneLayout>& tensors,
+    int64_t multiprocessors);
+
+ReductionPlan plan_reduction(
+    const Shape& shape,
+    int element_size,
+    const std::vector<PlaneLayout>& tensors,
+    int64_t multiprocessors);
+
+} // namespace densenet_efficient::launch

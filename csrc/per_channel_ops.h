@@ -1,0 +1,315 @@
+// What the CPU and CUDA kernels of the per-channel operators share: argument
+// checks (so every device rejects bad input with the same message, before
+// anything is written), the plane layout test, the per-channel vectors in math
+// precision, and the host side of every operator.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include "running_stats.h"
+
+#include <limits>
+#include <tuple>
+
+namespace densenet_efficient {
+
+// True when every H×W plane of a 4-D [N, C, H, W] tensor is one contiguous
+// run of memory (NCHW-contiguous tensors and channel slices of them), which
+// is the layout the kernels address directly.
+bool has_contiguous_planes(const at::Tensor& t);
+
+// `t` itself when its planes are contiguous, else a contiguous copy.
+at::Tensor with_contiguous_planes(const at::Tensor& t);
+
+// `input` must be a 4-D floating-point tensor.
+void check_4d_floating(const char* op, const char* name, const at::Tensor& input);
+
+// Checks input (4-D, floating point) and the four per-channel vectors
+// (1-D of length C, floating point, on input's device).
+void check_bn_relu_args(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    double eps);
+
+// Checks that `other` (named `name`) matches input in shape, dtype and device.
+void check_like_input(
+    const char* op,
+    const char* name,
+    const at::Tensor& input,
+    const at::Tensor& other);
+
+// Checks a tensor an operator writes: no element stored twice (stride 0, or
+// planes overlapping each other), and no partial overlap with any tensor it
+// reads (a race on the GPU otherwise). Beyond ATen's TensorIterator, which
+// gives up on strided views, channel slices of one buffer are compared
+// exactly. Full overlap (in place) is allowed.
+void check_destination(
+    const char* op,
+    const at::Tensor& destination,
+    std::initializer_list<const at::Tensor*> read);
+
+// Checks two [C] statistics destinations for `input` (named mean and var):
+// 1-D, floating point, on input's device, not overlapping each other or input.
+void check_stats_destinations(
+    const char* op,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& var);
+
+// mean, var, weight and bias converted to the input's math type (float for
+// half/bfloat16, else the input's dtype) and made contiguous; vectors that
+// already are stay as they are (no operator call).
+struct ChannelVectors {
+  at::Tensor mean, var, weight, bias;
+
+  ChannelVectors(
+      const at::Tensor& input,
+      const at::Tensor& mean,
+      const at::Tensor& var,
+      const at::Tensor& weight,
+      const at::Tensor& bias);
+};
+
+// True when `v` can be written by a kernel directly: contiguous, in the math
+// type of `input`.
+bool is_math_vector(const at::Tensor& input, const at::Tensor& v);
+
+// The host side of the per-channel operators, the same on every device:
+// argument checks, device guard, output allocation, empty inputs, and
+// destinations the kernels cannot address. `Kernels` is a device's:
+//   static void channel_stats(input, mean, var)                     M > 0
+//   static void copy_with_stats(source, destination, mean, var)      M > 0
+//   static void bn_relu(input, vectors, eps, out)                    non-empty
+//   template <bool accumulate> static void backward(grad_output, input,
+//       vectors, eps, batch_stats, grad_input, grad_weight, grad_bias)  M > 0
+//   static void update_running_stats(update)            (running_stats.h)
+// with every 4-D tensor of contiguous planes and every [C] vector a
+// contiguous one in the math type.
+template <typename Kernels>
+struct PerChannelOps {
+  static std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
+    check_4d_floating("channel_stats", "input", input);
+    auto [mean, var] = math_vectors(input);
+    channel_stats_out(input, mean, var);
+    return {mean, var};
+  }
+
+  static void channel_stats_out(
+      const at::Tensor& input_,
+      const at::Tensor& mean,
+      const at::Tensor& var) {
+    check_4d_floating("channel_stats", "input", input_);
+    check_stats_destinations("channel_stats", input_, mean, var);
+    const c10::DeviceGuard guard(input_.device());
+    if (input_.numel() == 0) {
+      fill_nan(mean, var);
+      return;
+    }
+    const auto input = with_contiguous_planes(input_);
+    into_math_vectors(input, mean, var, [&](const at::Tensor& m, const at::Tensor& v) {
+      Kernels::channel_stats(input, m, v);
+    });
+  }
+
+  static void copy_with_stats(
+      const at::Tensor& source_,
+      const at::Tensor& destination,
+      const at::Tensor& mean,
+      const at::Tensor& var) {
+    constexpr const char* op = "copy_with_stats";
+    check_4d_floating(op, "source", source_);
+    check_like_input(op, "destination", source_, destination);
+    check_stats_destinations(op, source_, mean, var);
+    check_destination(op, destination, {&source_, &mean, &var});
+    const c10::DeviceGuard guard(source_.device());
+    if (source_.numel() == 0) {
+      fill_nan(mean, var);
+      return;
+    }
+    const auto source = with_contiguous_planes(source_);
+    into_math_vectors(source, mean, var, [&](const at::Tensor& m, const at::Tensor& v) {
+      if (has_contiguous_planes(destination)) {
+        Kernels::copy_with_stats(source, destination, m, v);
+      } else {
+        destination.copy_(source);
+        Kernels::channel_stats(source, m, v);
+      }
+    });
+  }
+
+  static void bn_relu_out(
+      const at::Tensor& input_,
+      const at::Tensor& mean,
+      const at::Tensor& var,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      double eps,
+      const at::Tensor& out) {
+    check_bn_relu_args("bn_relu", input_, mean, var, weight, bias, eps);
+    check_like_input("bn_relu", "out", input_, out);
+    check_destination("bn_relu", out, {&input_, &mean, &var, &weight, &bias});
+    const c10::DeviceGuard guard(input_.device());
+    if (input_.numel() == 0) {
+      return;
+    }
+    const auto input = with_contiguous_planes(input_);
+    const ChannelVectors vectors(input, mean, var, weight, bias);
+    if (has_contiguous_planes(out)) {
+      Kernels::bn_relu(input, vectors, eps, out);
+    } else {
+      const auto planes = at::empty_like(input, at::MemoryFormat::Contiguous);
+      Kernels::bn_relu(input, vectors, eps, planes);
+      out.copy_(planes);
+    }
+  }
+
+  static at::Tensor bn_relu(
+      const at::Tensor& input,
+      const at::Tensor& mean,
+      const at::Tensor& var,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      double eps) {
+    check_4d_floating("bn_relu", "input", input);
+    auto out = at::empty_like(input, at::MemoryFormat::Contiguous);
+    bn_relu_out(input, mean, var, weight, bias, eps, out);
+    return out;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+      const at::Tensor& grad_output,
+      const at::Tensor& input,
+      const at::Tensor& mean,
+      const at::Tensor& var,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      double eps,
+      bool batch_stats) {
+    check_bn_relu_args("bn_relu_backward", input, mean, var, weight, bias, eps);
+    check_like_input("bn_relu_backward", "grad_output", input, grad_output);
+    const c10::DeviceGuard guard(input.device());
+    auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+    auto [grad_weight, grad_bias] = math_vectors(input);
+    backward<false>(
+        grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input,
+        grad_weight, grad_bias);
+    return {grad_input, like(grad_weight, weight), like(grad_bias, bias)};
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate(
+      const at::Tensor& grad_output,
+      const at::Tensor& input,
+      const at::Tensor& mean,
+      const at::Tensor& var,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      double eps,
+      bool batch_stats,
+      const at::Tensor& grad_input_sum) {
+    constexpr const char* op = "bn_relu_backward_accumulate";
+    check_bn_relu_args(op, input, mean, var, weight, bias, eps);
+    check_like_input(op, "grad_output", input, grad_output);
+    check_like_input(op, "grad_input_sum", input, grad_input_sum);
+    check_destination(op, grad_input_sum, {&grad_output, &input, &mean, &var, &weight, &bias});
+    const c10::DeviceGuard guard(input.device());
+    auto [grad_weight, grad_bias] = math_vectors(input);
+    if (has_contiguous_planes(grad_input_sum)) {
+      backward<true>(
+          grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input_sum,
+          grad_weight, grad_bias);
+    } else {
+      auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+      backward<false>(
+          grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input,
+          grad_weight, grad_bias);
+      grad_input_sum.add_(grad_input);
+    }
+    return {like(grad_weight, weight), like(grad_bias, bias)};
+  }
+
+ private:
+  // Two per-channel vectors in the input's math type.
+  static std::tuple<at::Tensor, at::Tensor> math_vectors(const at::Tensor& input) {
+    const auto options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+    return {at::empty({input.size(1)}, options), at::empty({input.size(1)}, options)};
+  }
+
+  // `v` in the dtype of `reference` (no operator call when it already is).
+  static at::Tensor like(const at::Tensor& v, const at::Tensor& reference) {
+    return v.scalar_type() == reference.scalar_type() ? v : v.to(reference.scalar_type());
+  }
+
+  static void fill_nan(const at::Tensor& mean, const at::Tensor& var) {
+    // Statistics of nothing, as torch.mean/var say.
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+
+  // Runs `compute(m, v)` on math vectors: `mean` and `var` themselves when
+  // the kernels can write them, else temporaries copied into them after.
+  template <typename Compute>
+  static void into_math_vectors(
+      const at::Tensor& input,
+      const at::Tensor& mean,
+      const at::Tensor& var,
+      const Compute& compute) {
+    if (is_math_vector(input, mean) && is_math_vector(input, var)) {
+      compute(mean, var);
+      return;
+    }
+    auto [m, v] = math_vectors(input);
+    compute(m, v);
+    mean.copy_(m);
+    var.copy_(v);
+  }
+
+  template <bool accumulate>
+  static void backward(
+      const at::Tensor& grad_output,
+      const at::Tensor& input_,
+      const at::Tensor& mean,
+      const at::Tensor& var,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      double eps,
+      bool batch_stats,
+      const at::Tensor& grad_input,
+      const at::Tensor& grad_weight,
+      const at::Tensor& grad_bias) {
+    if (input_.numel() == 0) {  // empty sums; the statistics (NaN) must not leak in
+      grad_weight.zero_();
+      grad_bias.zero_();
+      return;
+    }
+    const auto input = with_contiguous_planes(input_);
+    Kernels::template backward<accumulate>(
+        with_contiguous_planes(grad_output), input,
+        ChannelVectors(input, mean, var, weight, bias), eps, batch_stats, grad_input,
+        grad_weight, grad_bias);
+  }
+};
+
+// Registers PerChannelOps<Kernels> for the dispatch key of `m`.
+template <typename Kernels>
+void register_per_channel_ops(torch::Library& m) {
+  using Ops = PerChannelOps<Kernels>;
+  m.impl("channel_stats", &Ops::channel_stats);
+  m.impl("channel_stats_out", &Ops::channel_stats_out);
+  m.impl("copy_with_stats", &Ops::copy_with_stats);
+  m.impl("bn_relu", &Ops::bn_relu);
+  m.impl("bn_relu_out", &Ops::bn_relu_out);
+  m.impl("bn_relu_backward", &Ops::bn_relu_backward);
+  m.impl("bn_relu_backward_accumulate", &Ops::bn_relu_backward_accumulate);
+  m.impl("update_running_stats", &update_running_stats<Kernels>);
+}
+
+} // namespace densenet_efficient
