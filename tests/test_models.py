@@ -263,3 +263,9 @@ def test_two_models_in_one_process():
         (reference(x) * projection).sum().backward()
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             assert grad_error(p.grad, q.grad) <= 1e-10, name
+
+
+def test_convert_of_a_model_without_dense_blocks_says_what_it_looks_for():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.raises(ValueError, match=r"found no dense block to convert in this Sequential; it looks for .*_DenseBlock"):
+        de.convert(model)

@@ -1,0 +1,28 @@
+"""What the adapters share: validating a converted layer for a mode."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import functional
+
+
+def check_layer_for_mode(where: str, layer: nn.Module, mode: str) -> None:
+    """Efficient mode runs a layer through our operators, which take only
+    what they can compute exactly (see functional._check_layer)."""
+    if mode == "efficient":
+        try:
+            functional._check_layer(where, layer, functional._has_bottleneck(layer))
+        except ValueError as error:
+            raise ValueError(f"convert: {error}; the model is unchanged") from None
+
+
+def check_layer_names(path: str, block: nn.Module) -> list[tuple[str, nn.Module]]:
+    layers = list(block.named_children())
+    if not layers:
+        raise ValueError(f"convert: {path} has no layers")
+    for index, (name, _) in enumerate(layers):
+        if name != f"denselayer{index + 1}":
+            where = f"{path}.{name}" if path else name
+            raise ValueError(f"convert: {where}: expected child 'denselayer{index + 1}', got {name!r}")
+    return layers
