@@ -199,7 +199,18 @@ def _reduce(values: list[float], device, world_size: int) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    owns_group = not (dist.is_available() and dist.is_initialized())
     device, rank, world_size = _distributed_setup(args.device)
+    try:
+        return _run(args, device, rank, world_size)
+    finally:
+        # A process group left alive at exit can abort the interpreter's
+        # shutdown (gloo's threads: "terminate called without an active exception").
+        if owns_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
     distributed, main_process = world_size > 1, rank == 0
     if args.sync_bn and not distributed:
         print("--sync-bn: a single process already normalises by its whole batch", file=sys.stderr)
