@@ -32,26 +32,26 @@ Tensor range_of(const Tensor& t, int64_t dim, int64_t start, int64_t length) {
   return t.as_strided(sizes, t.strides(), t.storage_offset() + start * t.stride(dim));
 }
 
-Normalization norm1_normalization(const Block& block, int64_t l, const BlockStats& stats) {
-  const auto& norm = block.layers[l].norm1;
+namespace {
+// What `norm` normalises with: its running statistics, or the batch
+// statistics at [offset, offset + length) of the block's flat vectors.
+Normalization normalization(const Norm& norm, const BlockStats& stats, int64_t offset, int64_t length) {
   if (norm.uses_batch_stats()) {
-    const auto channels = block.in_channels(l);
     return {
-        BlockStats::slice(stats.mean, 0, channels), BlockStats::slice(stats.var, 0, channels),
+        BlockStats::slice(stats.mean, offset, length), BlockStats::slice(stats.var, offset, length),
         norm.eps};
   }
   return {*norm.running_mean, *norm.running_var, norm.eps};
 }
+} // namespace
+
+Normalization norm1_normalization(const Block& block, int64_t l, const BlockStats& stats) {
+  return normalization(block.layers[l].norm1, stats, 0, block.in_channels(l));
+}
 
 Normalization norm2_normalization(const Block& block, int64_t l, const BlockStats& stats) {
-  const auto& norm = block.layers[l].norm2;
-  if (norm.uses_batch_stats()) {
-    const auto offset = stats.bottleneck_offset(l);
-    return {
-        BlockStats::slice(stats.mean, offset, block.bottleneck_width),
-        BlockStats::slice(stats.var, offset, block.bottleneck_width), norm.eps};
-  }
-  return {*norm.running_mean, *norm.running_var, norm.eps};
+  return normalization(
+      block.layers[l].norm2, stats, stats.bottleneck_offset(l), block.bottleneck_width);
 }
 
 void apply_bn_relu(const Norm& norm, const Normalization& n, const Tensor& input, const Tensor& out) {

@@ -51,6 +51,23 @@ bool aligned(
   return true;
 }
 
+// The widest candidate vector that divides `length` (elements every vector
+// stays within) and that every tensor is aligned for.
+int widest_vector(
+    int64_t length,
+    int element_size,
+    const Shape& shape,
+    const std::vector<PlaneLayout>& tensors,
+    bool channel_stride_starts_runs) {
+  for (const int vector : vector_candidates(element_size)) {
+    if (length % vector == 0 &&
+        aligned(vector, element_size, shape, tensors, channel_stride_starts_runs)) {
+      return vector;
+    }
+  }
+  return 1;
+}
+
 void check_shape(const Shape& shape, int64_t multiprocessors) {
   TORCH_INTERNAL_ASSERT(
       shape.batch > 0 && shape.channels > 0 && shape.plane_size > 0 && multiprocessors > 0,
@@ -74,13 +91,8 @@ ElementwisePlan plan_elementwise(
   plan.channels_per_run = sample_runs ? shape.channels : 1;
   plan.run_length = plan.channels_per_run * shape.plane_size;
   plan.runs = shape.batch * (shape.channels / plan.channels_per_run);
-  for (const int vector : vector_candidates(element_size)) {
-    if (plan.run_length % vector == 0 &&
-        aligned(vector, element_size, shape, tensors, /*channel_stride_starts_runs=*/!sample_runs)) {
-      plan.vector = vector;
-      break;
-    }
-  }
+  plan.vector = widest_vector(
+      plan.run_length, element_size, shape, tensors, /*channel_stride_starts_runs=*/!sample_runs);
   plan.vectors = plan.runs * (plan.run_length / plan.vector);
   plan.blocks = std::max<int64_t>(
       1,
@@ -100,13 +112,8 @@ ReductionPlan plan_reduction(
     int64_t multiprocessors) {
   check_shape(shape, multiprocessors);
   ReductionPlan plan;
-  for (const int vector : vector_candidates(element_size)) {
-    if (shape.plane_size % vector == 0 &&
-        aligned(vector, element_size, shape, tensors, /*channel_stride_starts_runs=*/true)) {
-      plan.vector = vector;
-      break;
-    }
-  }
+  plan.vector = widest_vector(
+      shape.plane_size, element_size, shape, tensors, /*channel_stride_starts_runs=*/true);
   plan.vectors_per_plane = shape.plane_size / plan.vector;
   plan.vectors_per_channel = shape.batch * plan.vectors_per_plane;
   const int64_t target_blocks = multiprocessors * kReductionBlocksPerMultiprocessor;

@@ -179,8 +179,7 @@ struct PerChannelOps {
       const at::Tensor& weight,
       const at::Tensor& bias,
       double eps) {
-    check_4d_floating("bn_relu", "input", input);
-    auto out = at::empty_like(input, at::MemoryFormat::Contiguous);
+    auto out = at::empty_like(input, at::MemoryFormat::Contiguous);  // bn_relu_out checks
     bn_relu_out(input, mean, var, weight, bias, eps, out);
     return out;
   }

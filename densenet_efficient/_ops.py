@@ -159,6 +159,10 @@ def _(running_mean, running_var, num_batches_tracked, momentum, offsets, batch_m
 
 _FORWARD = ops.dense_block_forward.default
 _BACKWARD = ops.dense_block_backward.default
+# The block operators' argument and result names, read once (the autograd
+# functions below run every step).
+FORWARD_ARGS, FORWARD_RESULTS = argument_names(_FORWARD), result_names(_FORWARD)
+_BACKWARD_ARGS, _BACKWARD_RESULTS = argument_names(_BACKWARD), result_names(_BACKWARD)
 # Gradients come back from the backward op as grad_<argument of forward>.
 _GRAD_PREFIX = "grad_"
 
@@ -197,7 +201,7 @@ def _(*args, **kwargs):
         if save and a["dropout_p"] > 0
         else [],
     }
-    return tuple(results[name] for name in result_names(_FORWARD))
+    return tuple(results[name] for name in FORWARD_RESULTS)
 
 
 @torch.library.register_fake(_lib + "dense_block_backward")
@@ -206,9 +210,9 @@ def _(*args, **kwargs):
     batch, _, height, width = a["output"].shape
     in_channels = a["conv1_weight"][0].shape[1]
     grads = {"grad_input": a["output"].new_empty((batch, in_channels, height, width))}
-    for name in result_names(_BACKWARD)[1:]:
+    for name in _BACKWARD_RESULTS[1:]:
         grads[name] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in a[name[len(_GRAD_PREFIX):]]]
-    return tuple(grads[name] for name in result_names(_BACKWARD))
+    return tuple(grads[name] for name in _BACKWARD_RESULTS)
 
 
 def _is_tensor_list(value) -> bool:
@@ -224,8 +228,8 @@ def _no_grad_like(value):
 
 
 def _block_setup(ctx, inputs, output):
-    args = dict(zip(argument_names(_FORWARD), inputs))
-    results = dict(zip(result_names(_FORWARD), output))
+    args = dict(zip(FORWARD_ARGS, inputs))
+    results = dict(zip(FORWARD_RESULTS, output))
     if not args["save_for_backward"]:
         raise RuntimeError(
             "dense_block_forward was called with save_for_backward=False while a gradient "
@@ -241,7 +245,7 @@ def _block_setup(ctx, inputs, output):
     # Every argument of the backward op but the incoming gradient, by name,
     # from forward's arguments or results: tensors saved, the rest kept.
     ctx.layout, ctx.constants, tensors = [], {}, []
-    for name in argument_names(_BACKWARD)[1:]:
+    for name in _BACKWARD_ARGS[1:]:
         value = args[name] if name in args else results[name]
         if isinstance(value, torch.Tensor):
             ctx.layout.append((name, None))
@@ -256,15 +260,15 @@ def _block_setup(ctx, inputs, output):
 
 def _block_backward(ctx, grad_output, *_grads_of_non_differentiable_outputs):
     if grad_output is None:  # no gradient reached the output (grads are not materialised)
-        return tuple(ctx.no_grads[name] for name in argument_names(_FORWARD))
+        return tuple(ctx.no_grads[name] for name in FORWARD_ARGS)
     saved = iter(ctx.saved_tensors)
     arguments = {
         name: next(saved) if length is None else [next(saved) for _ in range(length)]
         for name, length in ctx.layout
     }
     results = ops.dense_block_backward(grad_output=grad_output, **arguments, **ctx.constants)
-    grads = dict(zip(result_names(_BACKWARD), results))
-    return tuple(grads.get(_GRAD_PREFIX + name, ctx.no_grads[name]) for name in argument_names(_FORWARD))
+    grads = dict(zip(_BACKWARD_RESULTS, results))
+    return tuple(grads.get(_GRAD_PREFIX + name, ctx.no_grads[name]) for name in FORWARD_ARGS)
 
 
 torch.library.register_autograd(

@@ -12,11 +12,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ._ops import block_statistics_size, ops, result_names
+from ._ops import FORWARD_RESULTS, block_statistics_size, ops
 
 __all__ = ["check_block_input", "dense_block"]
-
-_FORWARD_RESULTS = result_names(ops.dense_block_forward.default)
 
 
 def _named_layers(layers: Mapping[str, nn.Module] | Iterable[nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -224,7 +222,7 @@ def dense_block(
             save_for_backward=needs_grad,
             sync_group=sync_group or "",
         )
-    results = dict(zip(_FORWARD_RESULTS, results))
+    results = dict(zip(FORWARD_RESULTS, results))
     _update_running_stats(modules, results["batch_mean"], results["batch_var"], results["count"])
     return results["output"]
 

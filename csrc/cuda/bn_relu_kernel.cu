@@ -114,6 +114,8 @@ __device__ Welford<math_t> chan_merge(const Welford<math_t>& a, const Welford<ma
   }
   const int64_t count = a.count + b.count;
   const math_t delta = b.mean - a.mean;
+  // Counts in math_t (float for half/bfloat16/float) as in ATen's Welford:
+  // the share is rounded beyond 2^24 values per channel.
   const math_t b_share = static_cast<math_t>(b.count) / static_cast<math_t>(count);
   return {
       count, a.mean + delta * b_share,

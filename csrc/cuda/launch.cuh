@@ -169,7 +169,7 @@ void launch_for_each_vector(
           IntDivider<index_t>(static_cast<index_t>(plan.runs / shape.batch)),
           IntDivider<index_t>(static_cast<index_t>(shape.plane_size)),
           static_cast<index_t>(plan.channels_per_run)};
-      for_each_vector_kernel<index_t, OpType><<<plan.blocks, kThreads, 0, stream>>>(
+      for_each_vector_kernel<index_t, OpType><<<static_cast<unsigned>(plan.blocks), kThreads, 0, stream>>>(
           static_cast<index_t>(plan.vectors), geometry, op);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -1,6 +1,8 @@
 // CUDA kernel of update_running_stats (see ../running_stats.h).
 #include "running_stats_kernel.h"
 
+#include "../launch_plan.h"
+
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,11 +13,12 @@
 namespace densenet_efficient {
 namespace {
 
-constexpr int kThreads = 256;
-// One block per norm, up to kNormsPerLaunch norms per launch, passed by value
-// (well under the 4 KiB of kernel parameters). Thread 0 alone reads and advances num_batches_tracked;
-// the factor reaches the other threads through shared memory.
+using launch::kThreads;
 
+// One block per norm, up to kNormsPerLaunch norms per launch, passed by value
+// (well under the 4 KiB of kernel parameters). Thread 0 alone reads and
+// advances num_batches_tracked; the factor reaches the other threads through
+// shared memory.
 constexpr int kNormsPerLaunch = 32;
 
 template <typename running_t>
@@ -85,7 +88,6 @@ void update_running_stats_launch(const RunningStatsUpdate& update) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
-
 
 } // namespace
 
