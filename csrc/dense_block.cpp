@@ -1,6 +1,7 @@
 #include "dense_block.h"
 
 #include "ops.h"
+#include "per_channel_ops.h"
 
 #include <ATen/ATen.h>
 
@@ -67,12 +68,38 @@ Tensor scratch_view(const Tensor& scratch, at::IntArrayRef sizes) {
   return scratch.as_strided(sizes, strides, scratch.storage_offset());
 }
 
+std::vector<int64_t> maps_shape(const Tensor& like, int64_t channels) {
+  auto sizes = like.sizes().vec();
+  sizes[1] = channels;
+  return sizes;
+}
+
+int64_t values_per_channel(const Tensor& t) {
+  return t.size(0) * plane_size(t);
+}
+
+namespace {
+// One value per spatial dimension of `input`.
+std::vector<int64_t> per_spatial_dim(const Tensor& input, int64_t value) {
+  return std::vector<int64_t>(static_cast<size_t>(input.dim() - 2), value);
+}
+
+// at::convolution takes every spatial rank; conv1d/2d/3d are thin wrappers
+// around it (one more dispatcher call each).
+Tensor convolution(const Tensor& input, const Tensor& weight, int64_t padding) {
+  return at::convolution(
+      input, weight, /*bias=*/std::nullopt, /*stride=*/per_spatial_dim(input, 1),
+      /*padding=*/per_spatial_dim(input, padding), /*dilation=*/per_spatial_dim(input, 1),
+      /*transposed=*/false, /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1);
+}
+} // namespace
+
 Tensor conv1x1(const Tensor& input, const Tensor& weight) {
-  return at::conv2d(input, weight);
+  return convolution(input, weight, 0);
 }
 
 Tensor conv3x3(const Tensor& input, const Tensor& weight) {
-  return at::conv2d(input, weight, {}, /*stride=*/1, /*padding=*/1);
+  return convolution(input, weight, 1);
 }
 
 std::tuple<Tensor, Tensor> conv_backward(
@@ -82,8 +109,9 @@ std::tuple<Tensor, Tensor> conv_backward(
     int64_t padding) {
   auto [grad_input, grad_weight, unused_grad_bias] = at::convolution_backward(
       grad_output, input, weight, /*bias_sizes=*/std::nullopt,
-      /*stride=*/{1, 1}, /*padding=*/{padding, padding}, /*dilation=*/{1, 1},
-      /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
+      /*stride=*/per_spatial_dim(input, 1), /*padding=*/per_spatial_dim(input, padding),
+      /*dilation=*/per_spatial_dim(input, 1), /*transposed=*/false,
+      /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1,
       /*output_mask=*/{true, true, false});
   return {grad_input, grad_weight};
 }

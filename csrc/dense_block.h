@@ -90,6 +90,10 @@ Block make_block(
     const Tensor& input,
     int64_t num_input_features);
 
+// The block takes [N, C, *spatial] tensors with 1 to 3 spatial dimensions
+// (Conv1d/2d/3d layers): checks `t` (named `name`) is one.
+void check_block_rank(const char* op, const char* name, const Tensor& t);
+
 // PyTorch's rule for batch statistics (torch.nn.functional.batch_norm): more
 // than one value per channel.
 void check_batch_rule(const char* op, const Block& block, const Tensor& input);
@@ -138,10 +142,19 @@ void apply_bn_relu(const Norm& norm, const Normalization& n, const Tensor& input
 // The first `sizes` elements of a flat scratch buffer, as a contiguous tensor.
 Tensor scratch_view(const Tensor& scratch, at::IntArrayRef sizes);
 
+// The shape [N, channels, *spatial] of feature maps like `like` (the block's
+// input or output) with `channels` channels.
+std::vector<int64_t> maps_shape(const Tensor& like, int64_t channels);
+
+// The values each channel of `t` holds over the batch: N times its plane.
+int64_t values_per_channel(const Tensor& t);
+
+// Bias-free, stride-1 convolutions of the input's spatial rank (1-D, 2-D or
+// 3-D): 1×1 (no padding) and 3×3 (padding 1).
 Tensor conv1x1(const Tensor& input, const Tensor& weight);
 Tensor conv3x3(const Tensor& input, const Tensor& weight);
 
-// Gradients of a bias-free, stride-1 conv2d w.r.t. its input and weight.
+// Gradients of a bias-free, stride-1 convolution w.r.t. its input and weight.
 std::tuple<Tensor, Tensor> conv_backward(
     const Tensor& grad_output,
     const Tensor& input,

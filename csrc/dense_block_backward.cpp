@@ -47,10 +47,10 @@ BackwardResult dense_block_backward(
     double dropout_p,
     c10::string_view sync_group) {
   constexpr const char* op = "dense_block_backward";
+  check_block_rank(op, "output", output);
   TORCH_CHECK_VALUE(
-      output.dim() == 4 && !conv1_weight.empty() &&
-          conv1_weight[0].dim() == 4,
-      op, ": expected a 4-D block output and at least one layer");
+      !conv1_weight.empty() && conv1_weight[0].dim() >= 2, op,
+      ": expected at least one layer with a conv1 weight [out, in, *kernel]");
   const Block block = make_block(
       op,
       {norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var,
@@ -82,7 +82,6 @@ BackwardResult dense_block_backward(
   TORCH_CHECK_VALUE(
       count.numel() == 1, op, ": expected count to hold one value, got shape ", count.sizes());
 
-  const auto batch = output.size(0), height = output.size(2), width = output.size(3);
   const auto growth = block.growth_rate;
   const BlockStats stats{batch_mean, batch_var, block.max_in_channels(), block.bottleneck_width};
   const SyncBatchNorm sync{sync_group};
@@ -90,9 +89,8 @@ BackwardResult dense_block_backward(
       output.sizes(), output.options(), at::MemoryFormat::Contiguous);
   grad_features.copy_(grad_output);
   auto norm1_scratch = at::empty(
-      {batch * block.max_in_channels() * height * width}, output.options());
-  auto norm2_out = at::empty(
-      {batch, block.bottleneck_width, height, width}, output.options());
+      {values_per_channel(output) * block.max_in_channels()}, output.options());
+  auto norm2_out = at::empty(maps_shape(output, block.bottleneck_width), output.options());
 
   const auto bottleneck_layers = block.has_bottleneck() ? num_layers : 0;
   std::vector<Tensor> grad_norm1_weight(num_layers), grad_norm1_bias(num_layers),
@@ -109,7 +107,7 @@ BackwardResult dense_block_backward(
     }
     const auto features = range_of(output, 1, 0, channels);
     const auto norm1 = norm1_normalization(block, l, stats);
-    auto norm1_out = scratch_view(norm1_scratch, {batch, channels, height, width});
+    auto norm1_out = scratch_view(norm1_scratch, maps_shape(output, channels));
     apply_bn_relu(layer.norm1, norm1, features, norm1_out);
 
     Tensor grad_norm1_out;

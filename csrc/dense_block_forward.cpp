@@ -38,7 +38,7 @@ void store_features(
   const auto var = BlockStats::slice(stats->var, start, length);
   ops::copy_with_stats(features, destination, mean, var);
   if (sync.enabled()) {
-    sync.merge(mean, var, features.size(0) * features.size(2) * features.size(3), count);
+    sync.merge(mean, var, values_per_channel(features), count);
   }
 }
 
@@ -64,16 +64,14 @@ ForwardResult dense_block_forward(
     bool save_for_backward,
     c10::string_view sync_group) {
   constexpr const char* op = "dense_block_forward";
-  TORCH_CHECK_VALUE(
-      input.dim() == 4, op, ": expected a 4-D input [N, C, H, W], got a ",
-      input.dim(), "-D tensor of shape ", input.sizes());
+  check_block_rank(op, "input", input);
   TORCH_CHECK_TYPE(
       at::isFloatingType(input.scalar_type()), op,
       ": expected a floating-point input, got ", input.scalar_type());
   TORCH_CHECK_VALUE(
       !conv1_weight.empty(), op, ": a dense block needs at least one layer");
   TORCH_CHECK_VALUE(
-      conv1_weight[0].dim() == 4 && conv1_weight[0].size(1) == input.size(1),
+      conv1_weight[0].dim() >= 2 && conv1_weight[0].size(1) == input.size(1),
       op, ": expected an input with ", conv1_weight[0].sizes().at(1),
       " channels (what layer 1 reads), got input of shape ", input.sizes());
   const Block block = make_block(
@@ -88,12 +86,10 @@ ForwardResult dense_block_forward(
   check_batch_rule(op, block, input);
   const SyncBatchNorm sync{sync_group};
 
-  const auto batch = input.size(0), height = input.size(2), width = input.size(3);
   const auto num_layers = block.num_layers();
   const auto growth = block.growth_rate;
   auto output = at::empty(
-      {batch, block.out_channels(), height, width}, input.options(),
-      at::MemoryFormat::Contiguous);
+      maps_shape(input, block.out_channels()), input.options(), at::MemoryFormat::Contiguous);
   const auto math_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   const BlockStats stats{
       at::zeros({BlockStats::size(block)}, math_options),
@@ -101,7 +97,8 @@ ForwardResult dense_block_forward(
       block.bottleneck_width};
   // Values per channel, over every rank when synchronised: an all-reduce on
   // the device, and only when some norm needs batch statistics.
-  auto count = at::scalar_tensor(batch * height * width, input.options().dtype(at::kLong));
+  const auto values = values_per_channel(input);
+  auto count = at::scalar_tensor(values, input.options().dtype(at::kLong));
   if (sync.enabled() && block.any_batch_stats()) {
     count = sync.all_reduce_sum(count);
   }
@@ -109,15 +106,13 @@ ForwardResult dense_block_forward(
   const BlockStats* shared_stats = block.any_norm1_batch_stats() ? &stats : nullptr;
   store_features(input, output, 0, shared_stats, sync, count);
 
-  auto norm1_scratch = at::empty(
-      {batch * block.max_in_channels() * height * width}, input.options());
-  auto norm2_out = at::empty(
-      {batch, block.bottleneck_width, height, width}, input.options());
+  auto norm1_scratch = at::empty({values * block.max_in_channels()}, input.options());
+  auto norm2_out = at::empty(maps_shape(input, block.bottleneck_width), input.options());
   std::vector<Tensor> bottlenecks, dropout_masks;
   for (const auto l : c10::irange(num_layers)) {
     const auto& layer = block.layers[l];
     const auto channels = block.in_channels(l);
-    auto norm1_out = scratch_view(norm1_scratch, {batch, channels, height, width});
+    auto norm1_out = scratch_view(norm1_scratch, maps_shape(input, channels));
     apply_bn_relu(
         layer.norm1, norm1_normalization(block, l, stats),
         range_of(output, 1, 0, channels), norm1_out);
@@ -128,7 +123,7 @@ ForwardResult dense_block_forward(
       if (layer.norm2.uses_batch_stats()) {
         ops::channel_stats_out(bottleneck, norm2.mean, norm2.var);
         if (sync.enabled()) {
-          sync.merge(norm2.mean, norm2.var, batch * height * width, count);
+          sync.merge(norm2.mean, norm2.var, values, count);
         }
       }
       apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);

@@ -1,6 +1,7 @@
 // Argument checks of the dense block operators: every per-layer tensor's
 // shape, dtype and device, before anything is computed or written.
 #include "dense_block.h"
+#include "per_channel_ops.h"
 
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
@@ -9,6 +10,7 @@
 #include <array>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace densenet_efficient::block {
 namespace {
@@ -126,9 +128,19 @@ Block make_block(
         "), got ", length);
   }
   const auto& first_conv1 = args.conv1_weight[0];
+  // Convolutions of the input's spatial rank: weights [out, in, *kernel].
+  const auto rank = input.dim();
   TORCH_CHECK_VALUE(
-      first_conv1.dim() == 4 && (!bottleneck || args.conv2_weight[0].dim() == 4),
-      op, ": conv weights should be 4-D, got conv1 ", first_conv1.sizes());
+      first_conv1.dim() == rank && (!bottleneck || args.conv2_weight[0].dim() == rank), op,
+      ": conv weights should be ", rank, "-D for a ", rank, "-D input of shape ", input.sizes(),
+      ", got conv1 ", first_conv1.sizes(),
+      bottleneck ? " and conv2 " : "", bottleneck ? args.conv2_weight[0].sizes() : at::IntArrayRef{});
+  const auto kernel = [rank](int64_t out, int64_t in, int64_t size) {
+    std::vector<int64_t> shape(static_cast<size_t>(rank), size);
+    shape[0] = out;
+    shape[1] = in;
+    return shape;
+  };
   Block block{
       {},
       num_input_features,
@@ -145,30 +157,34 @@ Block make_block(
     layer.conv1_weight = args.conv1_weight[l];
     if (bottleneck) {
       check_parameter(
-          op, l, "conv1.weight", layer.conv1_weight, {width, channels, 1, 1},
-          input);
+          op, l, "conv1.weight", layer.conv1_weight, kernel(width, channels, 1), input);
       layer.norm2 = make_norm(
           op, l, "norm2", args.norm2_weight[l], args.norm2_bias[l],
           args.norm2_running_mean.get(l), args.norm2_running_var.get(l),
           args.norm2_eps[l], width, input);
       layer.conv2_weight = args.conv2_weight[l];
       check_parameter(
-          op, l, "conv2.weight", layer.conv2_weight,
-          {block.growth_rate, width, 3, 3}, input);
+          op, l, "conv2.weight", layer.conv2_weight, kernel(block.growth_rate, width, 3), input);
     } else {
       check_parameter(
-          op, l, "conv1.weight", layer.conv1_weight,
-          {block.growth_rate, channels, 3, 3}, input);
+          op, l, "conv1.weight", layer.conv1_weight, kernel(block.growth_rate, channels, 3),
+          input);
     }
     block.layers.push_back(std::move(layer));
   }
   return block;
 }
 
+void check_block_rank(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK_VALUE(
+      t.dim() >= 3 && t.dim() <= 5, op, ": expected a 3-D, 4-D or 5-D ", name,
+      " ([N, C, L], [N, C, H, W] or [N, C, D, H, W]), got a ", t.dim(), "-D tensor of shape ",
+      t.sizes());
+}
+
 void check_batch_rule(const char* op, const Block& block, const Tensor& input) {
   TORCH_CHECK_VALUE(
-      !block.any_batch_stats() ||
-          input.size(0) * input.size(2) * input.size(3) != 1,
+      !block.any_batch_stats() || values_per_channel(input) != 1,
       op, ": Expected more than 1 value per channel when training, got input size ",
       input.sizes());
 }

@@ -21,8 +21,8 @@ constexpr int64_t kReductionBlocksPerMultiprocessor = 4;
 constexpr int64_t kMinVectorsPerBlock = kThreads * 4;
 constexpr int64_t kMaxGridY = 65535;
 
-// The [N, C, P] shape of a tensor as the kernels see it: P = H·W elements per
-// plane, every plane one contiguous run of memory.
+// The [N, C, P] shape of a tensor as the kernels see it: P = D·H·W (or H·W, or
+// L) elements per plane, every plane one contiguous run of memory.
 struct Shape {
   int64_t batch;
   int64_t channels;

@@ -9,8 +9,8 @@
 
 namespace densenet_efficient::ops {
 
-// Per-channel batch mean and biased variance of a 4-D [N, C, H, W] tensor,
-// reduced over N, H, W, written into `mean` and `var` ([C] each).
+// Per-channel batch mean and biased variance of an [N, C, *spatial] tensor,
+// reduced over every dimension but C, written into `mean` and `var` ([C] each).
 void channel_stats_out(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var);
 
 // destination = source, and the per-channel statistics of what was copied,

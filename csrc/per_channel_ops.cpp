@@ -10,20 +10,37 @@
 
 namespace densenet_efficient {
 
+int64_t plane_size(const at::Tensor& t) {
+  int64_t size = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) {
+    size *= t.size(d);
+  }
+  return size;
+}
+
 bool has_contiguous_planes(const at::Tensor& t) {
-  return t.dim() == 4 && (t.size(3) <= 1 || t.stride(3) == 1) &&
-      (t.size(2) <= 1 || t.stride(2) == t.size(3));
+  if (t.dim() < 2 + kMinSpatialDims || t.dim() > 2 + kMaxSpatialDims) {
+    return false;
+  }
+  int64_t expected = 1;  // the stride a row-major plane has in dimension d
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (t.size(d) > 1 && t.stride(d) != expected) {
+      return false;
+    }
+    expected *= t.size(d);
+  }
+  return true;
 }
 
 at::Tensor with_contiguous_planes(const at::Tensor& t) {
   return has_contiguous_planes(t) ? t : t.contiguous();
 }
 
-void check_4d_floating(const char* op, const char* name, const at::Tensor& t) {
+void check_planar_floating(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(
-      t.dim() == 4, op, ": expected ", name,
-      " to be a 4-D tensor [N, C, H, W], got a ", t.dim(),
-      "-D tensor of shape ", t.sizes());
+      t.dim() >= 2 + kMinSpatialDims && t.dim() <= 2 + kMaxSpatialDims, op, ": expected ", name,
+      " to be a 3-D, 4-D or 5-D tensor ([N, C, L], [N, C, H, W] or [N, C, D, H, W]), got a ",
+      t.dim(), "-D tensor of shape ", t.sizes());
   TORCH_CHECK_TYPE(
       at::isFloatingType(t.scalar_type()), op, ": expected ", name,
       " to be floating point, got ", t.scalar_type());
@@ -57,7 +74,7 @@ void check_bn_relu_args(
     const at::Tensor& weight,
     const at::Tensor& bias,
     double eps) {
-  check_4d_floating(op, "input", input);
+  check_planar_floating(op, "input", input);
   check_channel_vector(op, "mean", input, mean);
   check_channel_vector(op, "var", input, var);
   check_channel_vector(op, "weight", input, weight);
@@ -88,7 +105,7 @@ namespace {
 // the sample and channel dimensions (those of size > 1) ordered by stride,
 // each must step past everything the inner ones span.
 bool planes_overlap(const at::Tensor& t) {
-  const int64_t plane = t.size(2) * t.size(3);
+  const int64_t plane = plane_size(t);
   std::array<std::pair<int64_t, int64_t>, 2> dims{{{t.stride(0), t.size(0)}, {t.stride(1), t.size(1)}}};
   std::sort(dims.begin(), dims.end());
   int64_t span = plane;  // elements the inner dimensions reach, from the first
@@ -132,16 +149,15 @@ bool partly_overlap(const at::Tensor& a, const at::Tensor& b) {
   if (a.const_data_ptr() == b.const_data_ptr() && a.sizes() == b.sizes() && a.strides() == b.strides()) {
     return false;  // the same elements: in place
   }
-  const bool lattice = a.dim() == 4 && b.dim() == 4 && a.scalar_type() == b.scalar_type() &&
-      has_contiguous_planes(a) && has_contiguous_planes(b) &&
-      a.size(2) * a.size(3) == b.size(2) * b.size(3) && a.stride(0) == b.stride(0) &&
+  const bool lattice = a.scalar_type() == b.scalar_type() && has_contiguous_planes(a) &&
+      has_contiguous_planes(b) && plane_size(a) == plane_size(b) && a.stride(0) == b.stride(0) &&
       a.stride(1) == b.stride(1) && a.stride(0) > 0 && a.stride(1) > 0;
   if (!lattice) {
     const auto [a_first, a_last] = byte_extent(a);
     const auto [b_first, b_last] = byte_extent(b);
     return a_first <= b_last && b_first <= a_last;
   }
-  const int64_t plane = a.size(2) * a.size(3);
+  const int64_t plane = plane_size(a);
   const int64_t stride_n = a.stride(0), stride_c = a.stride(1);
   const int64_t d = b.storage_offset() - a.storage_offset();
   for (int64_t dn = -(a.size(0) - 1); dn <= b.size(0) - 1; ++dn) {

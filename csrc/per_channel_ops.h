@@ -18,18 +18,28 @@
 
 namespace densenet_efficient {
 
-// True when every H×W plane of a 4-D [N, C, H, W] tensor is one contiguous
-// run of memory (NCHW-contiguous tensors and channel slices of them), which
-// is the layout the kernels address directly.
+// The per-channel operators take [N, C, *spatial] tensors with 1 to 3
+// spatial dimensions ([N, C, L], [N, C, H, W], [N, C, D, H, W]). A "plane" is
+// one (sample, channel) pair's spatial elements.
+constexpr int64_t kMinSpatialDims = 1;
+constexpr int64_t kMaxSpatialDims = 3;
+
+// Elements per plane: the product of the spatial sizes.
+int64_t plane_size(const at::Tensor& t);
+
+// True when every plane of `t` is one contiguous run of memory in row-major
+// order (contiguous tensors and channel slices of them), which is the layout
+// the kernels address directly.
 bool has_contiguous_planes(const at::Tensor& t);
 
 // `t` itself when its planes are contiguous, else a contiguous copy.
 at::Tensor with_contiguous_planes(const at::Tensor& t);
 
-// `input` must be a 4-D floating-point tensor.
-void check_4d_floating(const char* op, const char* name, const at::Tensor& input);
+// `input` must be a floating-point [N, C, *spatial] tensor with 1 to 3
+// spatial dimensions.
+void check_planar_floating(const char* op, const char* name, const at::Tensor& input);
 
-// Checks input (4-D, floating point) and the four per-channel vectors
+// Checks input ([N, C, *spatial], floating point) and the four per-channel vectors
 // (1-D of length C, floating point, on input's device).
 void check_bn_relu_args(
     const char* op,
@@ -92,12 +102,12 @@ bool is_math_vector(const at::Tensor& input, const at::Tensor& v);
 //   template <bool accumulate> static void backward(grad_output, input,
 //       vectors, eps, batch_stats, grad_input, grad_weight, grad_bias)  M > 0
 //   static void update_running_stats(update)            (running_stats.h)
-// with every 4-D tensor of contiguous planes and every [C] vector a
+// with every [N, C, *spatial] tensor of contiguous planes and every [C] vector a
 // contiguous one in the math type.
 template <typename Kernels>
 struct PerChannelOps {
   static std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
-    check_4d_floating("channel_stats", "input", input);
+    check_planar_floating("channel_stats", "input", input);
     auto [mean, var] = math_vectors(input);
     channel_stats_out(input, mean, var);
     return {mean, var};
@@ -107,7 +117,7 @@ struct PerChannelOps {
       const at::Tensor& input_,
       const at::Tensor& mean,
       const at::Tensor& var) {
-    check_4d_floating("channel_stats", "input", input_);
+    check_planar_floating("channel_stats", "input", input_);
     check_stats_destinations("channel_stats", input_, mean, var);
     const c10::DeviceGuard guard(input_.device());
     if (input_.numel() == 0) {
@@ -126,7 +136,7 @@ struct PerChannelOps {
       const at::Tensor& mean,
       const at::Tensor& var) {
     constexpr const char* op = "copy_with_stats";
-    check_4d_floating(op, "source", source_);
+    check_planar_floating(op, "source", source_);
     check_like_input(op, "destination", source_, destination);
     check_stats_destinations(op, source_, mean, var);
     check_destination(op, destination, {&source_, &mean, &var});

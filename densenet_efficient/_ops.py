@@ -46,8 +46,16 @@ def _channel_vector(input: torch.Tensor, like: torch.Tensor | None = None) -> to
     return input.new_empty((input.shape[1],), dtype=dtype)
 
 
-def _fake_4d(name: str, input: torch.Tensor) -> None:
-    torch._check(input.dim() == 4, lambda: f"{name}: expected a 4-D input, got {input.dim()}-D")
+def _fake_planar(name: str, input: torch.Tensor) -> None:
+    torch._check(
+        3 <= input.dim() <= 5,
+        lambda: f"{name}: expected a 3-D, 4-D or 5-D input [N, C, *spatial], got {input.dim()}-D",
+    )
+
+
+def _channels_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [C] vector shaped to broadcast over `like`'s channels: [1, C, 1, ...]."""
+    return v.view(1, -1, *([1] * (like.dim() - 2)))
 
 
 # --- channel statistics ----------------------------------------------------
@@ -55,18 +63,18 @@ def _fake_4d(name: str, input: torch.Tensor) -> None:
 
 @torch.library.register_fake(_lib + "channel_stats")
 def _(input):
-    _fake_4d("channel_stats", input)
+    _fake_planar("channel_stats", input)
     return _channel_vector(input), _channel_vector(input)
 
 
 @torch.library.register_fake(_lib + "channel_stats_out")
 def _(input, mean, var):
-    _fake_4d("channel_stats_out", input)
+    _fake_planar("channel_stats_out", input)
 
 
 @torch.library.register_fake(_lib + "copy_with_stats")
 def _(source, destination, mean, var):
-    _fake_4d("copy_with_stats", source)
+    _fake_planar("copy_with_stats", source)
 
 
 def _channel_stats_setup(ctx, inputs, output):
@@ -80,10 +88,9 @@ def _channel_stats_backward(ctx, grad_mean, grad_var):
     # dx = grad_mean / M + grad_var · 2 (x − mean) / M   (the mean term of
     # d var / dx sums to zero).
     input, mean = ctx.saved_tensors
-    count = input.shape[0] * input.shape[2] * input.shape[3]
-    as_channels = lambda v: v.view(1, -1, 1, 1)  # noqa: E731
-    centered = input.to(mean.dtype) - as_channels(mean)
-    grad = as_channels(grad_mean / count) + as_channels(grad_var * (2.0 / count)) * centered
+    count = input.numel() // input.shape[1]
+    centered = input.to(mean.dtype) - _channels_view(mean, input)
+    grad = _channels_view(grad_mean / count, input) + _channels_view(grad_var * (2.0 / count), input) * centered
     return grad.to(input.dtype)
 
 
@@ -97,13 +104,13 @@ torch.library.register_autograd(
 
 @torch.library.register_fake(_lib + "bn_relu")
 def _(input, mean, var, weight, bias, eps):
-    _fake_4d("bn_relu", input)
+    _fake_planar("bn_relu", input)
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(_lib + "bn_relu_out")
 def _(input, mean, var, weight, bias, eps, out):
-    _fake_4d("bn_relu_out", input)
+    _fake_planar("bn_relu_out", input)
 
 
 def _bn_relu_setup(ctx, inputs, output):
@@ -136,7 +143,7 @@ torch.library.register_autograd(
 
 @torch.library.register_fake(_lib + "bn_relu_backward")
 def _(grad_output, input, mean, var, weight, bias, eps, batch_stats):
-    _fake_4d("bn_relu_backward", input)
+    _fake_planar("bn_relu_backward", input)
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
         _channel_vector(input, like=weight),
@@ -146,7 +153,7 @@ def _(grad_output, input, mean, var, weight, bias, eps, batch_stats):
 
 @torch.library.register_fake(_lib + "bn_relu_backward_accumulate")
 def _(grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input_sum):
-    _fake_4d("bn_relu_backward_accumulate", input)
+    _fake_planar("bn_relu_backward_accumulate", input)
     return _channel_vector(input, like=weight), _channel_vector(input, like=bias)
 
 
@@ -177,8 +184,8 @@ def block_statistics_size(num_input_features: int, num_layers: int, growth_rate:
 def _(*args, **kwargs):
     a = _bind(_FORWARD, args, kwargs)
     input = a["input"]
-    _fake_4d("dense_block_forward", input)
-    batch, in_channels, height, width = input.shape
+    _fake_planar("dense_block_forward", input)
+    batch, in_channels, *spatial = input.shape
     conv1, conv2 = a["conv1_weight"], a["conv2_weight"]
     num_layers = len(conv1)
     if conv2:  # DenseNet-B layers
@@ -190,14 +197,14 @@ def _(*args, **kwargs):
     save = a["save_for_backward"]
     keep_bottlenecks = save and not a["recompute_bottleneck"] and width_4k > 0
     results = {
-        "output": input.new_empty((batch, in_channels + num_layers * growth, height, width)),
-        "bottlenecks": [input.new_empty((batch, width_4k, height, width)) for _ in range(num_layers)]
+        "output": input.new_empty((batch, in_channels + num_layers * growth, *spatial)),
+        "bottlenecks": [input.new_empty((batch, width_4k, *spatial)) for _ in range(num_layers)]
         if keep_bottlenecks
         else [],
         "batch_mean": input.new_empty((size,), dtype=stats),
         "batch_var": input.new_empty((size,), dtype=stats),
         "count": input.new_empty((), dtype=torch.int64),
-        "dropout_masks": [input.new_empty((batch, growth, height, width), dtype=torch.bool) for _ in range(num_layers)]
+        "dropout_masks": [input.new_empty((batch, growth, *spatial), dtype=torch.bool) for _ in range(num_layers)]
         if save and a["dropout_p"] > 0
         else [],
     }
@@ -207,9 +214,9 @@ def _(*args, **kwargs):
 @torch.library.register_fake(_lib + "dense_block_backward")
 def _(*args, **kwargs):
     a = _bind(_BACKWARD, args, kwargs)
-    batch, _, height, width = a["output"].shape
+    batch, _, *spatial = a["output"].shape
     in_channels = a["conv1_weight"][0].shape[1]
-    grads = {"grad_input": a["output"].new_empty((batch, in_channels, height, width))}
+    grads = {"grad_input": a["output"].new_empty((batch, in_channels, *spatial))}
     for name in _BACKWARD_RESULTS[1:]:
         grads[name] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in a[name[len(_GRAD_PREFIX):]]]
     return tuple(grads[name] for name in _BACKWARD_RESULTS)

@@ -47,6 +47,25 @@ CUDA_DEFAULT = {
 }
 
 
+def _input_of(config: dict) -> tuple[int, int]:
+    """(channels, spatial dims) of a configuration's input; images of 3
+    channels unless it says otherwise."""
+    return config.get("in_channels", 3), config.get("spatial_dims", 2)
+
+
+def input_shape(config: dict) -> tuple[int, ...]:
+    """[N, C_in, *spatial] of a configuration's input."""
+    channels, dims = _input_of(config)
+    return (config["batch"], channels, *[config["input_size"]] * dims)
+
+
+def input_label(config: dict) -> str:
+    """The input of one sample, e.g. 3×32² or 1×32³."""
+    channels, dims = _input_of(config)
+    power = {1: "", 2: "²", 3: "³"}[dims]
+    return f"{channels}×{config['input_size']}{power}"
+
+
 def depth_of(model: str) -> int | None:
     match = re.search(r"(\d+)[-_](\d+)$", model)
     return int(match.group(1)) if match else None
@@ -66,15 +85,17 @@ def measure(config: dict) -> dict:
     device = torch.device(config["device"])
     cuda = device.type == "cuda"
     mode, recompute, compiled = MODES[config["mode"]]
-    batch, size = config["batch"], config["input_size"]
+    shape = input_shape(config)
     torch.manual_seed(0)
-    model = models.builder(config["model"])(mode=mode, recompute_bottleneck=recompute).to(device)
-    prediction = (
-        estimate_training_step(model, batch, size, size).total if cuda else model_saved_bytes(model, batch, size, size)
-    )
+    in_channels, spatial_dims = _input_of(config)
+    model = models.builder(config["model"])(
+        mode=mode, recompute_bottleneck=recompute, spatial_dims=spatial_dims, in_channels=in_channels,
+    ).to(device)
+    prediction = estimate_training_step(model, shape).total if cuda else model_saved_bytes(model, shape)
     runnable = torch.compile(model) if compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    x = torch.randn(batch, 3, size, size, device=device)
+    x = torch.randn(*shape, device=device)
+    batch = shape[0]
     y = torch.randint(0, 10, (batch,), device=device)
     state = [*model.parameters(), *model.buffers()]
     saved = []
@@ -211,14 +232,14 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:
-    columns = ["model", "batch", "mode", "memory MiB", "predicted MiB", "vs naive", "step ms (p10-p90)", "vs naive"]
+    columns = ["model", "input", "batch", "mode", "memory MiB", "predicted MiB", "vs naive", "step ms (p10-p90)", "vs naive"]
     lines = []
     for r in rows:
         if r.get("result") != "ok":
-            cells = [r["model"], str(r["batch"]), r["mode"], r.get("result", "?"), "", "", "", ""]
+            cells = [r["model"], input_label(r), str(r["batch"]), r["mode"], r.get("result", "?"), "", "", "", ""]
         else:
             predicted = "" if r.get("predicted_bytes") is None else f"{r['predicted_bytes'] / 2**20:.1f}"
-            cells = [r["model"], str(r["batch"]), r["mode"], f"{r['memory_bytes'] / 2**20:.1f}", predicted,
+            cells = [r["model"], input_label(r), str(r["batch"]), r["mode"], f"{r['memory_bytes'] / 2**20:.1f}", predicted,
                      f"{r.get('memory_vs_naive', float('nan')):.3f}",
                      f"{r['step_ms']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})",
                      f"{r.get('step_vs_naive', float('nan')):.2f}"]
@@ -228,7 +249,7 @@ def table(rows: list[dict], markdown: bool = False) -> str:
         out += ["| " + " | ".join(cells) + " |" for cells in lines]
         return "\n".join(out)
     widths = [max(len(c), *(len(cells[i]) for cells in lines)) for i, c in enumerate(columns)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return "\n".join([fmt.format(*columns), "-" * (sum(widths) + 2 * len(widths))] + [fmt.format(*c) for c in lines])
 
 
@@ -265,10 +286,11 @@ def plot(rows: list[dict], env: dict, out: Path) -> list[Path]:
 
                         with torch.device("meta"):
                             model = models.builder(family.format(depth))(
-                                mode=MODES[mode][0], recompute_bottleneck=MODES[mode][1])
-                        b, s = points[0]["batch"], points[0]["input_size"]
-                        predicted.append((estimate_training_step(model, b, s, s).total if env["device_type"] == "cuda"
-                                          else model_saved_bytes(model, b, s, s)) / 2**20)
+                                mode=MODES[mode][0], recompute_bottleneck=MODES[mode][1],
+                                spatial_dims=_input_of(points[0])[1], in_channels=_input_of(points[0])[0])
+                        shape = input_shape(points[0])
+                        predicted.append((estimate_training_step(model, shape).total if env["device_type"] == "cuda"
+                                          else model_saved_bytes(model, shape)) / 2**20)
                     ax.plot(depths, predicted, "-", color=line.get_color(), alpha=0.6, label=f"{mode} (model)")
             else:
                 ax.errorbar(xs, [r["step_ms"] for r in points],
@@ -292,10 +314,14 @@ def plot(rows: list[dict], env: dict, out: Path) -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--models", help="comma-separated: named builders or densenet_bc-<depth>-<k> (default: by device)")
+    parser.add_argument("--models", help="comma-separated: named builders, densenet_bc-<depth>-<k> or "
+                        "monai:DenseNet121 (default: by device)")
     parser.add_argument("--modes", help=f"comma-separated from {list(MODES)} (default: by device)")
     parser.add_argument("--batch", help="comma-separated batch sizes (default: 4 on CPU, 64 on CUDA)")
-    parser.add_argument("--input-size", type=int, help="default: 32 for CIFAR models, 224 otherwise")
+    parser.add_argument("--input-size", type=int, help="side length; default: 32 for CIFAR models, 96 for volumes, 224 otherwise")
+    parser.add_argument("--spatial-dims", type=int, choices=[1, 2, 3], default=2,
+                        help="2: images [N, C, H, W]; 3: volumes [N, C, D, H, W]; 1: sequences")
+    parser.add_argument("--in-channels", type=int, default=3, help="channels of the input (default 3)")
     parser.add_argument("--steps", type=int, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default: 1 on CPU, 5 on CUDA)")
     parser.add_argument("--max-batch", action="store_true", help="also find the largest batch that runs, per mode (GPU)")
@@ -341,11 +367,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     out.mkdir(parents=True, exist_ok=True)
     configs = []
     for name in names:
-        with torch.device("meta"):
-            size = args.input_size or (32 if models.builder(name)().small_inputs else 224)
+        size = args.input_size or models.default_input_size(name, args.spatial_dims)
         for batch in batches:
             for mode in modes:
                 configs.append({"model": name, "mode": mode, "batch": batch, "input_size": size,
+                                "spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
                                 "device": device, "steps": steps, "warmup": warmup})
     progress = Progress(len(configs) + (len(modes) if args.max_batch else 0))
     rows = []

@@ -12,9 +12,14 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ._ops import FORWARD_RESULTS, block_statistics_size, ops
+from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["check_block_input", "dense_block"]
+from ._ops import FORWARD_RESULTS, block_statistics_size, ops
+from .reference import BATCH_NORM, CONV
+
+__all__ = ["check_block_input", "dense_block", "spatial_dims_of"]
+
+_LAYOUTS = {1: "[N, C, L]", 2: "[N, C, H, W]", 3: "[N, C, D, H, W]"}
 
 
 def _named_layers(layers: Mapping[str, nn.Module] | Iterable[nn.Module]) -> list[tuple[str, nn.Module]]:
@@ -23,31 +28,38 @@ def _named_layers(layers: Mapping[str, nn.Module] | Iterable[nn.Module]) -> list
     return [(f"layer{i + 1}", layer) for i, layer in enumerate(layers)]
 
 
-def _uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+def _uses_batch_stats(norm: _BatchNorm) -> bool:
     # torch.nn.functional.batch_norm's rule.
     return norm.training or norm.running_mean is None
 
 
-def _updates_running_stats(norm: nn.BatchNorm2d) -> bool:
+def _updates_running_stats(norm: _BatchNorm) -> bool:
     return norm.training and norm.track_running_stats
 
 
-def _check_conv(name: str, conv: nn.Module, kernel: int) -> None:
+def spatial_dims_of(layer: nn.Module) -> int | None:
+    """The spatial rank of a dense layer: that of its conv1 (Conv1d, Conv2d
+    or Conv3d), or None when conv1 is none of them."""
+    conv = getattr(layer, "conv1", None)
+    return next((dims for dims, kind in CONV.items() if type(conv) is kind), None)
+
+
+def _check_conv(name: str, conv: nn.Module, kernel: int, spatial_dims: int) -> None:
     padding = (kernel - 1) // 2
     ok = (
-        type(conv) is nn.Conv2d
-        and conv.kernel_size == (kernel, kernel)
-        and conv.stride == (1, 1)
-        and conv.padding == (padding, padding)
-        and conv.dilation == (1, 1)
+        type(conv) is CONV[spatial_dims]
+        and conv.kernel_size == (kernel,) * spatial_dims
+        and conv.stride == (1,) * spatial_dims
+        and conv.padding == (padding,) * spatial_dims
+        and conv.dilation == (1,) * spatial_dims
         and conv.groups == 1
         and conv.bias is None
         and conv.padding_mode == "zeros"
     )
     if not ok:
         raise ValueError(
-            f"efficient mode needs {name} to be nn.Conv2d(kernel_size={kernel}, stride=1, "
-            f"padding={padding}, bias=False); got {conv!r}"
+            f"efficient mode needs {name} to be nn.{CONV[spatial_dims].__name__}(kernel_size={kernel}, "
+            f"stride=1, padding={padding}, bias=False); got {conv!r}"
         )
 
 
@@ -55,29 +67,44 @@ def _has_bottleneck(layer: nn.Module) -> bool:
     return getattr(layer, "conv2", None) is not None
 
 
-def _check_layer(name: str, layer: nn.Module, bottleneck: bool) -> None:
+def _check_layer(name: str, layer: nn.Module, bottleneck: bool, spatial_dims: int | None = None) -> None:
+    """Raises ValueError unless `layer` is a dense layer efficient mode runs
+    exactly, with convolutions of `spatial_dims` (default: its conv1's)."""
+    if spatial_dims is None:
+        spatial_dims = spatial_dims_of(layer)
+        if spatial_dims is None:
+            raise ValueError(
+                f"efficient mode needs {name}.conv1 to be nn.Conv1d, nn.Conv2d or nn.Conv3d; "
+                f"got {getattr(layer, 'conv1', None)!r}"
+            )
     if _has_bottleneck(layer) != bottleneck:
         raise ValueError(
             f"efficient mode needs all layers of a block alike: {name} "
             f"{'has' if _has_bottleneck(layer) else 'lacks'} the bottleneck (norm2, relu2, conv2) "
             "that the first layer " + ("has" if bottleneck else "lacks")
         )
+    norm_type = BATCH_NORM[spatial_dims]
     for norm_name in ("norm1", "norm2") if bottleneck else ("norm1",):
         norm = getattr(layer, norm_name, None)
-        if type(norm) is not nn.BatchNorm2d or not norm.affine:
+        if type(norm) is not norm_type or not norm.affine:
             raise ValueError(
-                f"efficient mode supports {name}.{norm_name} = nn.BatchNorm2d(affine=True) "
+                f"efficient mode supports {name}.{norm_name} = nn.{norm_type.__name__}(affine=True) "
                 f"(track_running_stats and momentum may be anything); got {norm!r}"
             )
+    if getattr(layer, "drops_whole_channels", False) and layer.drop_rate > 0:
+        raise ValueError(
+            f"efficient mode drops single values (F.dropout); {name} drops whole channels "
+            f"({type(layer.dropout_module).__name__}): use mode='checkpoint' or no dropout"
+        )
     for relu_name in ("relu1", "relu2") if bottleneck else ("relu1",):
         relu = getattr(layer, relu_name, None)
         if type(relu) is not nn.ReLU:
             raise ValueError(f"efficient mode needs {name}.{relu_name} to be nn.ReLU; got {relu!r}")
     if bottleneck:
-        _check_conv(f"{name}.conv1", getattr(layer, "conv1", None), kernel=1)
-        _check_conv(f"{name}.conv2", getattr(layer, "conv2", None), kernel=3)
+        _check_conv(f"{name}.conv1", getattr(layer, "conv1", None), 1, spatial_dims)
+        _check_conv(f"{name}.conv2", getattr(layer, "conv2", None), 3, spatial_dims)
     else:
-        _check_conv(f"{name}.conv1", getattr(layer, "conv1", None), kernel=3)
+        _check_conv(f"{name}.conv1", getattr(layer, "conv1", None), 3, spatial_dims)
 
 
 def autocast_dtype(input: Tensor) -> torch.dtype | None:
@@ -101,14 +128,16 @@ def check_block_input(input: Tensor, layers: Mapping[str, nn.Module] | Iterable[
 def _check_input(input: Tensor, named: list[tuple[str, nn.Module]]) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"dense block: expected a Tensor input, got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(
-            f"dense block: expected a 4-D input [N, C, H, W], got a {input.dim()}-D "
-            f"tensor of shape {tuple(input.shape)}"
-        )
     if not named:
         raise ValueError("dense block: a dense block needs at least one layer")
     first = named[0][1]
+    spatial_dims = first.conv1.weight.dim() - 2
+    if input.dim() != 2 + spatial_dims:
+        raise ValueError(
+            f"dense block: expected a {2 + spatial_dims}-D input {_LAYOUTS.get(spatial_dims, '')} "
+            f"(the layers' convolutions are {type(first.conv1).__name__}), got a {input.dim()}-D "
+            f"tensor of shape {tuple(input.shape)}"
+        )
     expected_channels = first.conv1.in_channels
     if input.shape[1] != expected_channels:
         raise ValueError(
@@ -126,14 +155,13 @@ def _check_input(input: Tensor, named: list[tuple[str, nn.Module]]) -> None:
             f"dense block: expected all tensors on the same device: the input is on "
             f"{input.device}, the parameters on {weight.device}"
         )
-    batch, _, height, width = input.shape
     uses_batch_stats = any(
         _uses_batch_stats(norm)
         for _, layer in named
         for norm in (getattr(layer, "norm1", None), getattr(layer, "norm2", None))
-        if isinstance(norm, nn.BatchNorm2d)
+        if isinstance(norm, _BatchNorm)
     )
-    if uses_batch_stats and batch * height * width == 1:
+    if uses_batch_stats and input.numel() == input.shape[1]:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.shape}"
         )
@@ -179,8 +207,9 @@ def dense_block(
     named = _named_layers(layers)
     _check_input(input, named)
     bottleneck = _has_bottleneck(named[0][1])
+    spatial_dims = spatial_dims_of(named[0][1])
     for name, layer in named:
-        _check_layer(name, layer, bottleneck)
+        _check_layer(name, layer, bottleneck, spatial_dims)
     dropout_p = _dropout_probability(named)
     modules = [layer for _, layer in named]
     norm1 = [layer.norm1 for layer in modules]

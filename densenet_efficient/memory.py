@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.pooling import _AvgPoolNd, _MaxPoolNd
 
 __all__ = [
     "StepMemory",
@@ -49,13 +53,20 @@ def _math_itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=math).element_size()
 
 
-class _BlockSizes:
-    """Byte counts of one efficient block's buffers."""
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
 
-    def __init__(self, batch, height, width, num_input_features, num_layers, growth_rate, bn_size, dtype):
+
+class _BlockSizes:
+    """Byte counts of one efficient block's buffers, for a block input of
+    shape [N, C0, *spatial]."""
+
+    def __init__(self, input_shape, num_layers, growth_rate, bn_size, dtype):
+        batch, num_input_features, *spatial = input_shape
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.math_itemsize = _math_itemsize(dtype)
-        self.plane = batch * height * width
+        self.plane = batch * _numel(spatial)
+        self.kernel_3 = 3 ** len(spatial)  # elements of a 3×3 (×3) kernel
         self.num_layers = num_layers
         self.num_input_features = num_input_features
         self.growth_rate = growth_rate
@@ -77,17 +88,14 @@ class _BlockSizes:
             channels = self.num_input_features + layer * self.growth_rate
             if self.width_4k:
                 total += 2 * channels + channels * self.width_4k  # norm1, conv1 1x1
-                total += 2 * self.width_4k + self.width_4k * self.growth_rate * 9  # norm2, conv2
+                total += 2 * self.width_4k + self.width_4k * self.growth_rate * self.kernel_3  # norm2, conv2
             else:
-                total += 2 * channels + channels * self.growth_rate * 9  # norm1, conv1 3x3
+                total += 2 * channels + channels * self.growth_rate * self.kernel_3  # norm1, conv1 3x3
         return total * self.itemsize
 
 
 def dense_block_saved_bytes(
-    batch: int,
-    height: int,
-    width: int,
-    num_input_features: int,
+    input_shape: Sequence[int],
     num_layers: int,
     growth_rate: int,
     bn_size: int = 4,
@@ -96,18 +104,20 @@ def dense_block_saved_bytes(
     recompute_bottleneck: bool = False,
 ) -> int:
     """Activation bytes an efficient-mode DenseBlock saves for backward in a
-    training step (parameters and buffers not counted):
+    training step on an input of shape ``input_shape`` = [N, C0, *spatial]
+    (1 to 3 spatial dimensions; P their product), parameters and buffers not
+    counted:
 
-    * the block buffer, which is the output: N·(C0 + L·k)·H·W elements;
-    * per layer its bottleneck, N·bn_size·k·H·W (not with recompute_bottleneck;
+    * the block buffer, which is the output: N·(C0 + L·k)·P elements;
+    * per layer its bottleneck, N·bn_size·k·P (not with recompute_bottleneck;
       none for plain layers, bn_size=0);
     * per-channel batch statistics: mean and variance of the C0 + (L−1)·k
       channels some norm1 reads and of each layer's bn_size·k bottleneck
       channels, in the math dtype (float32 for half/bfloat16), and the number
       of values per channel (one int64);
-    * with dropout, one bool mask of N·k·H·W per layer.
+    * with dropout, one bool mask of N·k·P per layer.
     """
-    s = _BlockSizes(batch, height, width, num_input_features, num_layers, growth_rate, bn_size, dtype)
+    s = _BlockSizes(input_shape, num_layers, growth_rate, bn_size, dtype)
     total = s.maps(s.out_channels) + s.statistics()
     if not recompute_bottleneck:
         total += num_layers * s.maps(s.width_4k)
@@ -117,10 +127,7 @@ def dense_block_saved_bytes(
 
 
 def dense_block_peak_bytes(
-    batch: int,
-    height: int,
-    width: int,
-    num_input_features: int,
+    input_shape: Sequence[int],
     num_layers: int,
     growth_rate: int,
     bn_size: int = 4,
@@ -128,8 +135,9 @@ def dense_block_peak_bytes(
     drop_rate: float = 0.0,
     recompute_bottleneck: bool = False,
 ) -> int:
-    """Peak bytes a training step of an efficient-mode DenseBlock allocates
-    beyond its parameters, its input and the output gradient — what
+    """Peak bytes a training step of an efficient-mode DenseBlock on an input
+    of shape ``input_shape`` = [N, C0, *spatial] allocates beyond its
+    parameters, its input and the output gradient — what
     ``torch.cuda.max_memory_allocated`` adds, convolution workspaces aside.
 
     Backward holds what forward saved, the gradient buffer (as large as the
@@ -140,10 +148,9 @@ def dense_block_peak_bytes(
     parameter gradients. Forward holds the saved tensors and the same two
     scratches and one layer's new features; backward is the larger.
     """
-    s = _BlockSizes(batch, height, width, num_input_features, num_layers, growth_rate, bn_size, dtype)
+    s = _BlockSizes(input_shape, num_layers, growth_rate, bn_size, dtype)
     saved = dense_block_saved_bytes(
-        batch, height, width, num_input_features, num_layers, growth_rate, bn_size, dtype,
-        drop_rate, recompute_bottleneck,
+        input_shape, num_layers, growth_rate, bn_size, dtype, drop_rate, recompute_bottleneck
     )
     scratches = s.maps(s.max_in) + s.maps(s.width_4k)
     transients = 2 * s.maps(s.width_4k) + s.maps(s.max_in)
@@ -158,21 +165,42 @@ def dense_block_peak_bytes(
 
 
 class _Tensor:
-    """The activation flowing through a model: its shape, and whether its
-    storage already counts as saved (so a second op saving it adds nothing)."""
+    """The activation flowing through a model: its shape [N, C, *spatial], and
+    whether its storage already counts as saved (so a second op saving it adds
+    nothing)."""
 
-    def __init__(self, batch, channels, height, width, saved=False):
-        self.batch, self.channels, self.height, self.width, self.saved = batch, channels, height, width, saved
+    def __init__(self, batch, channels, spatial, saved=False):
+        self.batch, self.channels, self.spatial, self.saved = batch, channels, tuple(spatial), saved
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.batch, self.channels, *self.spatial)
 
     def numel(self) -> int:
-        return self.batch * self.channels * self.height * self.width
+        return _numel(self.shape)
 
-    def new(self, channels=None, height=None, width=None) -> "_Tensor":
-        return _Tensor(self.batch, channels or self.channels, height or self.height, width or self.width)
+    def new(self, channels=None, spatial=None) -> "_Tensor":
+        return _Tensor(self.batch, channels or self.channels, self.spatial if spatial is None else spatial)
 
 
-def _pooled(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
+def _per_dim(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def _pooled(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _window_output(x: "_Tensor", kernel, stride, padding, dilation=1) -> tuple[int, ...]:
+    """Spatial output sizes of a convolution or pooling window over `x`."""
+    dims = len(x.spatial)
+    stride = kernel if stride is None else stride
+    return tuple(
+        _pooled(size, k, s, p, d)
+        for size, k, s, p, d in zip(
+            x.spatial, _per_dim(kernel, dims), _per_dim(stride, dims), _per_dim(padding, dims), _per_dim(dilation, dims)
+        )
+    )
 
 
 class _SavedBytes:
@@ -201,28 +229,23 @@ class _SavedBytes:
         from .models import Transition
         from .modules import DenseBlock
 
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, _ConvNd):
             self.save(x)
-            return x.new(
-                module.out_channels,
-                _pooled(x.height, module.kernel_size[0], module.stride[0], module.padding[0]),
-                _pooled(x.width, module.kernel_size[1], module.stride[1], module.padding[1]),
-            )
-        if isinstance(module, nn.BatchNorm2d):
+            spatial = _window_output(x, module.kernel_size, module.stride, module.padding, module.dilation)
+            return x.new(module.out_channels, spatial)
+        if isinstance(module, _BatchNorm):
             return self.batch_norm(x)
         if isinstance(module, nn.ReLU):  # in place: saves its result, the same storage
             self.save(x)
             return x
-        if isinstance(module, nn.MaxPool2d):
+        if isinstance(module, _MaxPoolNd):
             self.save(x)
-            y = x.new(height=_pooled(x.height, module.kernel_size, module.stride, module.padding),
-                      width=_pooled(x.width, module.kernel_size, module.stride, module.padding))
+            y = x.new(spatial=_window_output(x, module.kernel_size, module.stride, module.padding, module.dilation))
             self.total += y.numel() * 8  # int64 indices
             return y
-        if isinstance(module, nn.AvgPool2d):
+        if isinstance(module, _AvgPoolNd):
             self.save(x)
-            return x.new(height=_pooled(x.height, module.kernel_size, module.stride, 0),
-                         width=_pooled(x.width, module.kernel_size, module.stride, 0))
+            return x.new(spatial=_window_output(x, module.kernel_size, module.stride, module.padding))
         if isinstance(module, (nn.Sequential, Transition)):
             for child in module.children():
                 x = self.module(child, x)
@@ -237,12 +260,12 @@ class _SavedBytes:
         width_4k = layers[0].conv1.out_channels if hasattr(layers[0], "conv2") else 0
         num_layers = len(layers)
         out = x.new(x.channels + num_layers * growth)
-        plane = x.batch * x.height * x.width
+        plane = x.batch * _numel(x.spatial)
         dropout = self.training and layers[0].drop_rate > 0
         dropout_bytes = growth * plane * (1 if self.device_type == "cuda" else self.itemsize)
         if block.mode == "efficient":
             self.total += dense_block_saved_bytes(
-                x.batch, x.height, x.width, x.channels, num_layers, growth,
+                x.shape, num_layers, growth,
                 bn_size=width_4k // growth, dtype=_dtype_of(self.itemsize, self.math_itemsize),
                 drop_rate=layers[0].drop_rate if self.training else 0.0,
                 recompute_bottleneck=block.recompute_bottleneck,
@@ -271,26 +294,34 @@ def _dtype_of(itemsize: int, math_itemsize: int) -> torch.dtype:
 
 def model_saved_bytes(
     model: nn.Module,
-    batch: int,
-    height: int,
-    width: int,
+    input_shape: Sequence[int],
     dtype: torch.dtype = torch.float32,
     training: bool | None = None,
     device_type: str = "cpu",
 ) -> int:
-    """Activation bytes autograd saves for backward in a forward pass of one of
-    our DenseNets (``densenet_efficient.models.DenseNet``) on a
-    [batch, 3, height, width] input that needs no gradient, in each dense
-    block's own mode. Parameters and buffers are not counted; the input
-    image is (the first convolution saves it). ``training`` defaults to the
+    """Activation bytes autograd saves for backward in a forward pass of a
+    DenseNet on an input of shape ``input_shape`` ([N, C_in, *spatial], 1 to 3
+    spatial dimensions) that needs no gradient, in each dense block's own
+    mode. The model is one of ours (``densenet_efficient.models.DenseNet``) or
+    torchvision's or MONAI's after ``convert``: ``model.features`` (stem,
+    dense blocks, transitions, final norm), then ReLU, global average pooling
+    and a linear classifier. Parameters and buffers are not counted; the
+    input is (the first convolution saves it). ``training`` defaults to the
     model's mode; ``device_type`` matters only for dropout (CPU keeps a
     float noise tensor, CUDA a bool mask)."""
     counter = _SavedBytes(dtype, model.training if training is None else training, device_type)
-    x = _Tensor(batch, 3, height, width)
+    x = _input(input_shape)
     x = counter.module(model.features, x)
-    counter.save(x)  # F.relu(..., inplace=True) after norm5
-    counter.total += batch * x.channels * counter.itemsize  # the classifier's input
+    counter.save(x)  # the ReLU (in place) after the final norm
+    counter.total += x.batch * x.channels * counter.itemsize  # the classifier's input
     return counter.total
+
+
+def _input(input_shape: Sequence[int]) -> _Tensor:
+    batch, channels, *spatial = input_shape
+    if not 1 <= len(spatial) <= 3:
+        raise ValueError(f"input_shape must be [N, C, *spatial] with 1 to 3 spatial sizes, got {tuple(input_shape)}")
+    return _Tensor(batch, channels, spatial)
 
 
 # --- a whole training step --------------------------------------------------
@@ -314,16 +345,16 @@ def _block_transients(block, x: _Tensor, itemsize: int, math_itemsize: int) -> t
     width_4k = layers[0].conv1.out_channels if bottleneck else 0
     out_channels = x.channels + len(layers) * growth
     max_in = out_channels - growth
-    maps = lambda channels: x.batch * x.height * x.width * channels * itemsize  # noqa: E731
+    maps = lambda channels: x.batch * _numel(x.spatial) * channels * itemsize  # noqa: E731
     if block.mode == "efficient":
         # Forward: the two scratches and one layer's new features. Backward
         # (dense_block_peak_bytes less what is saved and the parameter
         # gradients): the output gradient autograd hands in, the gradient
         # buffer, the scratches and one layer's gradients.
         dtype = _dtype_of(itemsize, math_itemsize)
-        args = (x.batch, x.height, x.width, x.channels, len(layers), growth, width_4k // growth, dtype,
-                layers[0].drop_rate, block.recompute_bottleneck)
-        sizes = _BlockSizes(*args[:8])
+        args = (x.shape, len(layers), growth, width_4k // growth, dtype, layers[0].drop_rate,
+                block.recompute_bottleneck)
+        sizes = _BlockSizes(*args[:5])
         forward = maps(max_in) + maps(width_4k) + maps(growth)
         backward = dense_block_peak_bytes(*args) - dense_block_saved_bytes(*args) - sizes.parameters()
         return forward, backward + maps(out_channels)
@@ -340,16 +371,15 @@ def _block_transients(block, x: _Tensor, itemsize: int, math_itemsize: int) -> t
 
 def estimate_training_step(
     model: nn.Module,
-    batch: int,
-    height: int,
-    width: int,
+    input_shape: Sequence[int],
     dtype: torch.dtype = torch.float32,
     autocast_dtype: torch.dtype | None = None,
     optimizer_slots: int = 1,
     device_type: str = "cuda",
 ) -> StepMemory:
     """Predicted memory of a training step (forward, backward, optimizer) of
-    one of our DenseNets at this batch and input size: parameters (dtype),
+    a DenseNet (as ``model_saved_bytes`` takes them) on an input of shape
+    ``input_shape`` = [N, C_in, *spatial]: parameters (dtype),
     gradients, ``optimizer_slots`` tensors of optimizer state per parameter
     (SGD with momentum: 1, Adam: 2), and the activations — saved tensors
     exactly as ``model_saved_bytes`` counts them, plus the largest transient
@@ -365,7 +395,7 @@ def estimate_training_step(
     state = parameters * (2 + optimizer_slots) + buffers
     activation_dtype = autocast_dtype or dtype
     counter = _SavedBytes(activation_dtype, model.training, device_type)
-    x = _Tensor(batch, 3, height, width)
+    x = _input(input_shape)
     timeline = []  # (saved so far, forward transient, backward transient) per component
     for module in model.features.children():
         x_in = x
@@ -377,9 +407,9 @@ def estimate_training_step(
             forward, backward = largest, 2 * largest
         timeline.append((counter.total, forward, backward))
     counter.save(x)
-    counter.total += batch * x.channels * counter.itemsize
+    counter.total += x.batch * x.channels * counter.itemsize
     if autocast_dtype is not None:
-        conv_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+        conv_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, _ConvNd))
         counter.total += conv_weights * counter.itemsize
     saved = counter.total
     head = saved - timeline[-1][0]

@@ -10,6 +10,7 @@ gives the CIFAR networks of the paper: a 3×3 stem and no stem pooling.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 from collections import OrderedDict
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .modules import DenseBlock
+from .reference import BATCH_NORM, CONV, checked_spatial_dims
 
 __all__ = [
     "BUILDERS",
@@ -35,6 +37,7 @@ __all__ = [
     "densenet_bc_190_40",
     "densenet_bc_250_24",
     "densenet_cifar",
+    "default_input_size",
 ]
 
 # torchvision's _load_state_dict: '.'s are no longer allowed in module names,
@@ -42,15 +45,21 @@ __all__ = [
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-class Transition(nn.Sequential):
-    """BN-ReLU-Conv1x1 (compression) + 2×2 average pooling."""
+_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_GLOBAL_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
-    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+
+class Transition(nn.Sequential):
+    """BN-ReLU-Conv1x1 (compression) + 2×2 average pooling (2×2×2 for
+    ``spatial_dims=3``)."""
+
+    def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(num_input_features)
+        self.norm = BATCH_NORM[checked_spatial_dims(spatial_dims)](num_input_features)
         self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.conv = CONV[spatial_dims](num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = _AVG_POOL[spatial_dims](kernel_size=2, stride=2)
 
 
 def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
@@ -68,6 +77,9 @@ class DenseNet(nn.Module):
     ``compression`` is the transitions' channel factor θ; ``small_inputs``
     selects the CIFAR stem (3×3 conv, no stem norm/pooling); the features end
     in a global average pooling (8×8 for 32×32 CIFAR inputs, 7×7 for 224×224).
+    ``spatial_dims=3`` builds the same network for volumes [N, C, D, H, W]
+    (BatchNorm3d, Conv3d, 3-D pooling: MONAI's DenseNet layout), 1 for
+    sequences; ``in_channels`` is the input's channel count (3: RGB).
     """
 
     def __init__(
@@ -82,40 +94,45 @@ class DenseNet(nn.Module):
         small_inputs: bool = False,
         mode: str = "efficient",
         recompute_bottleneck: bool = False,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         self.small_inputs = small_inputs
+        self.spatial_dims = checked_spatial_dims(spatial_dims)
+        self.in_channels = in_channels
         if not 0 < compression <= 1:
             raise ValueError(f"compression must be in (0, 1], got {compression}")
+        conv, norm = CONV[spatial_dims], BATCH_NORM[spatial_dims]
         if small_inputs:
-            stem = [("conv0", nn.Conv2d(3, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
+            stem = [("conv0", conv(in_channels, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
         else:
             stem = [
-                ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
-                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("conv0", conv(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", norm(num_init_features)),
                 ("relu0", nn.ReLU(inplace=True)),
-                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+                ("pool0", _MAX_POOL[spatial_dims](kernel_size=3, stride=2, padding=1)),
             ]
         self.features = nn.Sequential(OrderedDict(stem))
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
             block = DenseBlock(
                 num_layers, num_features, growth_rate, bn_size, drop_rate,
-                mode=mode, recompute_bottleneck=recompute_bottleneck,
+                mode=mode, recompute_bottleneck=recompute_bottleneck, spatial_dims=spatial_dims,
             )
             self.features.add_module(f"denseblock{i + 1}", block)
             num_features += num_layers * growth_rate
             if i != len(block_config) - 1:
                 compressed = int(math.floor(num_features * compression))
-                self.features.add_module(f"transition{i + 1}", Transition(num_features, compressed))
+                self.features.add_module(f"transition{i + 1}", Transition(num_features, compressed, spatial_dims))
                 num_features = compressed
-        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.features.add_module("norm5", norm(num_features))
         self.classifier = nn.Linear(num_features, num_classes)
 
         for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, conv):
                 nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, norm):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
             elif isinstance(m, nn.Linear):
@@ -147,14 +164,17 @@ class DenseNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         features = self.features(x)
         out = F.relu(features, inplace=True)
-        out = F.adaptive_avg_pool2d(out, (1, 1))
+        out = _GLOBAL_AVG_POOL[self.spatial_dims](out, 1)
         out = torch.flatten(out, 1)
         return self.classifier(out)
 
 
 def builder(name: str):
-    """A model builder by name: one of BUILDERS, or ``densenet_bc-<depth>-<k>``
-    / ``densenet_cifar-<depth>-<k>`` for any CIFAR depth and growth rate."""
+    """A model builder by name: one of BUILDERS, ``densenet_bc-<depth>-<k>``
+    / ``densenet_cifar-<depth>-<k>`` for any CIFAR depth and growth rate, or
+    ``monai:<class>`` for MONAI's DenseNet121/169/201/264 (converted). Every
+    builder takes ``mode``, ``recompute_bottleneck``, ``spatial_dims``,
+    ``in_channels``, ``num_classes`` and ``drop_rate``."""
     if name in BUILDERS:
         return BUILDERS[name]
     match = re.fullmatch(r"(densenet_bc|densenet_cifar)-(\d+)-(\d+)", name)
@@ -162,9 +182,44 @@ def builder(name: str):
         family, depth, growth_rate = match.group(1), int(match.group(2)), int(match.group(3))
         make = densenet_bc if family == "densenet_bc" else densenet_cifar
         return lambda **kwargs: make(depth, growth_rate, **kwargs)
+    if name.startswith(_MONAI_PREFIX):
+        return _monai_builder(name[len(_MONAI_PREFIX):])
     raise ValueError(
-        f"unknown model {name!r}; choose one of {sorted(BUILDERS)} or densenet_bc-<depth>-<k> / densenet_cifar-<depth>-<k>"
+        f"unknown model {name!r}; choose one of {sorted(BUILDERS)}, densenet_bc-<depth>-<k> / "
+        f"densenet_cifar-<depth>-<k>, or {', '.join(_MONAI_PREFIX + c for c in MONAI_MODELS)}"
     )
+
+
+def default_input_size(name: str, spatial_dims: int = 2) -> int:
+    """The input's side length a model is usually trained at: 32 for the
+    CIFAR networks, 96 for volumes, 224 otherwise (ImageNet)."""
+    with torch.device("meta"):
+        small = getattr(builder(name)(), "small_inputs", False)
+    return 32 if small else 96 if spatial_dims == 3 else 224
+
+
+_MONAI_PREFIX = "monai:"
+MONAI_MODELS = ("DenseNet121", "DenseNet169", "DenseNet201", "DenseNet264")
+
+
+def _monai_builder(class_name: str):
+    if class_name not in MONAI_MODELS:
+        raise ValueError(f"unknown MONAI model {class_name!r}; choose one of {list(MONAI_MODELS)}")
+    if importlib.util.find_spec("monai") is None:
+        raise ValueError(f"{_MONAI_PREFIX}{class_name} needs MONAI: pip install monai")
+
+    def build(mode="efficient", recompute_bottleneck=False, spatial_dims=2, in_channels=3, num_classes=1000,
+              drop_rate=0.0) -> nn.Module:
+        from monai.networks import nets
+
+        from .conversion import convert
+
+        model = getattr(nets, class_name)(
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=num_classes, dropout_prob=drop_rate
+        )
+        return convert(model, mode=mode, recompute_bottleneck=recompute_bottleneck)
+
+    return build
 
 
 def _imagenet(growth_rate, block_config, num_init_features, **kwargs) -> DenseNet:

@@ -34,7 +34,8 @@ def _checked_mode(mode: str) -> str:
 
 class DenseLayer(ReferenceDenseLayer):
     """One DenseNet-B layer. Takes a tensor or a list of tensors (the earlier
-    features) and returns its ``growth_rate`` new channels."""
+    features) and returns its ``growth_rate`` new channels. ``spatial_dims``
+    3 makes it a layer for volumes (BatchNorm3d, Conv3d), 1 for sequences."""
 
     def __init__(
         self,
@@ -43,8 +44,9 @@ class DenseLayer(ReferenceDenseLayer):
         bn_size: int = 4,
         drop_rate: float = 0.0,
         mode: str = "efficient",
+        spatial_dims: int = 2,
     ) -> None:
-        super().__init__(num_input_features, growth_rate, bn_size, drop_rate)
+        super().__init__(num_input_features, growth_rate, bn_size, drop_rate, spatial_dims=spatial_dims)
         self.mode = mode
 
     @property
@@ -71,7 +73,8 @@ class DenseLayer(ReferenceDenseLayer):
 class DenseBlock(nn.ModuleDict):
     """A dense block of ``num_layers`` layers; returns the input and all new
     features concatenated (``num_input_features + num_layers * growth_rate``
-    channels), exactly as torchvision's ``_DenseBlock``."""
+    channels), exactly as torchvision's ``_DenseBlock``. ``spatial_dims``
+    (1, 2 or 3) is the input's: [N, C, L], [N, C, H, W] or [N, C, D, H, W]."""
 
     # A process group's name: efficient mode then normalises by the
     # statistics of the global batch (see densenet_efficient.sync).
@@ -86,6 +89,7 @@ class DenseBlock(nn.ModuleDict):
         drop_rate: float = 0.0,
         mode: str = "efficient",
         recompute_bottleneck: bool = False,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -97,6 +101,7 @@ class DenseBlock(nn.ModuleDict):
                 bn_size=bn_size,
                 drop_rate=drop_rate,
                 mode=mode,
+                spatial_dims=spatial_dims,
             )
             self.add_module(f"denselayer{i + 1}", layer)
         self.mode = mode

@@ -49,13 +49,16 @@ def model_name(text: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=model_name, help="e.g. densenet_bc_250_24, densenet121, densenet_bc-148-12")
+    parser.add_argument("--model", required=True, type=model_name,
+                        help="e.g. densenet_bc_250_24, densenet121, densenet_bc-148-12, monai:DenseNet121")
     parser.add_argument("--batch", required=True, type=positive_int)
     parser.add_argument("--memory", required=True, type=parse_memory, help="e.g. 16GiB, 80GB")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16/fp16: autocast training, fp32 parameters")
-    parser.add_argument("--input-size", type=positive_int, help="default: 32 for CIFAR models, 224 otherwise")
-
-
+    parser.add_argument("--input-size", type=positive_int,
+                        help="side length; default: 32 for CIFAR models, 96 for volumes, 224 otherwise")
+    parser.add_argument("--spatial-dims", type=int, choices=[1, 2, 3], default=2,
+                        help="2: images [N, C, H, W] (default); 3: volumes [N, C, D, H, W]; 1: sequences")
+    parser.add_argument("--in-channels", type=positive_int, default=3, help="channels of the input (default 3)")
 
 
 def largest_batch(fits, limit: int = 1 << 20) -> int:
@@ -73,21 +76,25 @@ def largest_batch(fits, limit: int = 1 << 20) -> int:
 
 def run(args: argparse.Namespace) -> None:
     autocast_dtype = DTYPES[args.dtype]
-    with torch.device("meta"):
-        size = args.input_size or (32 if models.builder(args.model)().small_inputs else 224)
+    size = args.input_size or models.default_input_size(args.model, args.spatial_dims)
+    spatial = [size] * args.spatial_dims
     print(
-        f"{args.model}, batch {args.batch}, {size}x{size}, {args.dtype} training (SGD with momentum), "
-        f"memory {args.memory / 2**30:.2f} GiB"
+        f"{args.model}, batch {args.batch}, input {args.in_channels}x{'x'.join(map(str, spatial))}, "
+        f"{args.dtype} training (SGD with momentum), memory {args.memory / 2**30:.2f} GiB"
     )
     header = f"{'mode':<22}{'predicted peak':>16}{'fits':>6}{'largest batch':>15}"
     print(header)
     print("-" * len(header))
     for mode_name, recompute in MODES:
         with torch.device("meta"):  # structure only: nothing is allocated
-            model = models.builder(args.model)(mode=mode_name.split("+")[0], recompute_bottleneck=recompute)
+            model = models.builder(args.model)(
+                mode=mode_name.split("+")[0], recompute_bottleneck=recompute, spatial_dims=args.spatial_dims,
+                in_channels=args.in_channels,
+            )
 
         def peak_at(batch, model=model):
-            return estimate_training_step(model, batch, size, size, autocast_dtype=autocast_dtype).total
+            shape = (batch, args.in_channels, *spatial)
+            return estimate_training_step(model, shape, autocast_dtype=autocast_dtype).total
 
         peak = peak_at(args.batch)
         fits = lambda b: peak_at(b) <= args.memory  # noqa: E731

@@ -1,7 +1,7 @@
 """Pure-PyTorch references: the test oracle.
 
 * ``ReferenceDenseLayer`` / ``ReferenceDenseBlock``: the naive dense block
-  (torch.cat + nn.BatchNorm2d + ReLU + Conv2d) with torchvision's structure,
+  (torch.cat + nn.BatchNorm2d + ReLU + Conv2d, or their 1-D/3-D forms) with torchvision's structure,
   names and semantics (``memory_efficient=True`` is torchvision's
   checkpointing). Their state_dicts are interchangeable with torchvision's
   ``_DenseLayer`` / ``_DenseBlock`` and with ours.
@@ -23,16 +23,28 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# The layer types of each spatial rank (spatial_dims 1, 2, 3).
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def checked_spatial_dims(spatial_dims: int) -> int:
+    if spatial_dims not in CONV:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    return spatial_dims
+
+
 def channel_stats(input: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance over N, H, W."""
+    """Per-channel mean and biased variance over every dimension but C."""
     x = input.to(_math_dtype(input.dtype))
-    return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+    dims = (0, *range(2, input.dim()))
+    return x.mean(dim=dims), x.var(dim=dims, unbiased=False)
 
 
 def bn_relu(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """relu(weight * (input - mean) / sqrt(var + eps) + bias), per channel."""
     math = _math_dtype(input.dtype)
-    as_channels = lambda v: v.to(math).view(1, -1, 1, 1)  # noqa: E731
+    as_channels = lambda v: v.to(math).view(1, -1, *([1] * (input.dim() - 2)))  # noqa: E731
     invstd = torch.rsqrt(as_channels(var) + eps)
     y = (input.to(math) - as_channels(mean)) * invstd * as_channels(weight) + as_channels(bias)
     return torch.relu(y).to(input.dtype)
@@ -43,6 +55,8 @@ class ReferenceDenseLayer(nn.Module):
 
     ``bn_size=0`` gives the plain DenseNet layer (no bottleneck):
     BN-ReLU-Conv3x3(k), modules ``norm1``, ``relu1``, ``conv1``.
+    ``spatial_dims`` 3 builds it of BatchNorm3d/Conv3d (1×1×1 and 3×3×3) for
+    volumes [N, C, D, H, W]; 1 of BatchNorm1d/Conv1d for [N, C, L].
     """
 
     def __init__(
@@ -52,19 +66,21 @@ class ReferenceDenseLayer(nn.Module):
         bn_size: int,
         drop_rate: float,
         memory_efficient: bool = False,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         if bn_size < 0:
             raise ValueError(f"bn_size must be positive, or 0 for layers without bottleneck; got {bn_size}")
-        self.norm1 = nn.BatchNorm2d(num_input_features)
+        conv, norm = CONV[checked_spatial_dims(spatial_dims)], BATCH_NORM[spatial_dims]
+        self.norm1 = norm(num_input_features)
         self.relu1 = nn.ReLU(inplace=True)
         if bn_size == 0:
-            self.conv1 = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv1 = conv(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         else:
-            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.conv1 = conv(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+            self.norm2 = norm(bn_size * growth_rate)
             self.relu2 = nn.ReLU(inplace=True)
-            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+            self.conv2 = conv(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
@@ -82,6 +98,10 @@ class ReferenceDenseLayer(nn.Module):
             new_features = bottleneck
         else:
             new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
+        return self.drop(new_features)
+
+    def drop(self, new_features: Tensor) -> Tensor:
+        """Dropout of the new features: single values, as torchvision's."""
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
@@ -107,6 +127,7 @@ class ReferenceDenseBlock(nn.ModuleDict):
         growth_rate: int,
         drop_rate: float,
         memory_efficient: bool = False,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         for i in range(num_layers):
@@ -116,6 +137,7 @@ class ReferenceDenseBlock(nn.ModuleDict):
                 bn_size=bn_size,
                 drop_rate=drop_rate,
                 memory_efficient=memory_efficient,
+                spatial_dims=spatial_dims,
             )
             self.add_module(f"denselayer{i + 1}", layer)
 

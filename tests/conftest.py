@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 import densenet_efficient as de
 from densenet_efficient.reference import ReferenceDenseBlock
@@ -25,7 +26,7 @@ def randomize_norms(module: nn.Module, generator: torch.Generator) -> None:
     """Non-trivial BN affine parameters and running statistics, so a test
     cannot pass with an identity BatchNorm."""
     for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, _BatchNorm):
             with torch.no_grad():
                 n = m.num_features
                 m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
@@ -36,7 +37,7 @@ def randomize_norms(module: nn.Module, generator: torch.Generator) -> None:
 
 def set_momentum(module: nn.Module, momentum: float | None) -> None:
     for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, _BatchNorm):
             m.momentum = momentum
 
 
@@ -51,15 +52,18 @@ def make_pair(
     recompute_bottleneck: bool = False,
     mode: str = "efficient",
     seed: int = 0,
+    spatial_dims: int = 2,
 ) -> tuple[de.DenseBlock, ReferenceDenseBlock]:
     """Our block and the reference with identical parameters and buffers."""
     torch.manual_seed(seed)
     ours = de.DenseBlock(
         num_layers, num_input_features, growth_rate, bn_size, drop_rate,
-        mode=mode, recompute_bottleneck=recompute_bottleneck,
+        mode=mode, recompute_bottleneck=recompute_bottleneck, spatial_dims=spatial_dims,
     )
     randomize_norms(ours, torch.Generator().manual_seed(seed + 1))
-    reference = ReferenceDenseBlock(num_layers, num_input_features, bn_size, growth_rate, drop_rate)
+    reference = ReferenceDenseBlock(
+        num_layers, num_input_features, bn_size, growth_rate, drop_rate, spatial_dims=spatial_dims
+    )
     reference.load_state_dict(ours.state_dict())
     set_momentum(ours, momentum)
     set_momentum(reference, momentum)
@@ -100,3 +104,43 @@ def assert_results_close(ours: dict, expected: dict, tol: float) -> None:
             continue
         err = rel_error(ours[name], expected[name])
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
+def block_forward_arguments(block, input, dropout_p=0.0, recompute=False, save_for_backward=True) -> dict:
+    """dense_block_forward's arguments by name for `block` (in its train/eval
+    state) on `input`, as functional.dense_block passes them."""
+    layers = list(block.values())
+    bottleneck = hasattr(layers[0], "conv2")
+    args = {"input": input}
+    for prefix in ("norm1", "norm2"):
+        norms = [getattr(layer, prefix) for layer in layers if prefix == "norm1" or bottleneck]
+        args[f"{prefix}_weight"] = [n.weight for n in norms]
+        args[f"{prefix}_bias"] = [n.bias for n in norms]
+        for stat in ("running_mean", "running_var"):
+            args[f"{prefix}_{stat}"] = [None if n.training else getattr(n, stat) for n in norms]
+        args[f"{prefix}_eps"] = [n.eps for n in norms]
+    args["conv1_weight"] = [layer.conv1.weight for layer in layers]
+    args["conv2_weight"] = [layer.conv2.weight for layer in layers if bottleneck]
+    args.update(dropout_p=dropout_p, recompute_bottleneck=recompute, save_for_backward=save_for_backward,
+                sync_group="")
+    return args
+
+
+def positional(op, args: dict) -> tuple:
+    """`args` (by name) in the order of `op`'s schema."""
+    from densenet_efficient._ops import argument_names
+
+    return tuple(args[name] for name in argument_names(op))
+
+
+def opcheck_block_backward(forward_args: dict) -> None:
+    """opcheck of dense_block_backward on what dense_block_forward gives for `forward_args`."""
+    from densenet_efficient._ops import ops, result_names
+
+    forward, backward = ops.dense_block_forward.default, ops.dense_block_backward.default
+    with torch.no_grad():
+        results = dict(zip(result_names(forward), forward(*positional(forward, forward_args))))
+    detached = {n: [t.detach() if isinstance(t, torch.Tensor) else t for t in v] if isinstance(v, list) else v
+                for n, v in forward_args.items()}
+    backward_args = {**detached, **results, "grad_output": torch.randn_like(results["output"])}
+    torch.library.opcheck(backward, positional(backward, backward_args))

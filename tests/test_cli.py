@@ -32,7 +32,7 @@ def test_bench_smoke_writes_table_json_markdown_and_plots(tmp_path):
         assert r["memory_bytes"] == r["predicted_bytes"] and r["peak_rss_bytes"] > 0 and len(r["step_ms_all"]) == 2
     naive, efficient = (next(r for r in rows if r["model"] == "densenet_bc-16-4" and r["mode"] == m) for m in ("naive", "efficient"))
     assert efficient["memory_vs_naive"] < 1 and naive["memory_vs_naive"] == 1
-    assert "| densenet_bc-10-4 | 2 | naive |" in (out / "results.md").read_text()
+    assert "| densenet_bc-10-4 | 3×32² | 2 | naive |" in (out / "results.md").read_text()
     for name in ("memory_vs_depth.png", "step_time_vs_depth.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -85,8 +85,8 @@ def test_plan_reports_every_mode_and_the_largest_batch(capsys):
         assert fits == ("yes" if predicted <= memory else "no")
         with torch.device("meta"):
             model = models.densenet_bc_250_24(mode=mode.split("+")[0], recompute_bottleneck=mode.endswith("recompute"))
-        assert estimate_training_step(model, largest, 32, 32).total <= memory
-        assert estimate_training_step(model, largest + 1, 32, 32).total > memory
+        assert estimate_training_step(model, (largest, 3, 32, 32)).total <= memory
+        assert estimate_training_step(model, (largest + 1, 3, 32, 32)).total > memory
     assert int(lines["efficient"][4]) > 5 * int(lines["naive"][4])
 
 

@@ -187,7 +187,7 @@ def _peak_step_bytes(num_layers, recompute=False, drop_rate=0.0, batch=16, size=
     block(x).backward(grad)
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - base
-    model = dense_block_peak_bytes(batch, size, size, c0, num_layers, k, dtype=torch.float32,
+    model = dense_block_peak_bytes((batch, c0, size, size), num_layers, k, dtype=torch.float32,
                                    drop_rate=drop_rate, recompute_bottleneck=recompute)
     return measured, model
 
@@ -428,7 +428,7 @@ def test_training_step_peak_within_ten_percent_of_the_estimate(mode, recompute):
     step()
     torch.cuda.synchronize()
     measured = torch.cuda.max_memory_allocated() - inputs
-    predicted = estimate_training_step(model, 64, 32, 32).total
+    predicted = estimate_training_step(model, (64, 3, 32, 32)).total
     assert abs(measured - predicted) <= 0.1 * predicted, (measured, predicted)
 
 

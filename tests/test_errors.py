@@ -38,9 +38,21 @@ def test_wrong_channel_count(block):
     rejected(block, x, ValueError, r"expected an input with 5 channels \(num_input_features\), got 6")
 
 
-def test_not_four_dimensional(block):
+def test_input_rank_must_be_the_layers(block):
     x = torch.randn(2, 5, 4, dtype=torch.float64)
-    rejected(block, x, ValueError, r"expected a 4-D input \[N, C, H, W\], got a 3-D tensor of shape \(2, 5, 4\)")
+    rejected(
+        block, x, ValueError,
+        r"expected a 4-D input \[N, C, H, W\] \(the layers' convolutions are Conv2d\), got a 3-D tensor of shape \(2, 5, 4\)",
+    )
+
+
+@pytest.mark.parametrize("mode", de.MODES)
+def test_a_volume_block_refuses_images(mode):
+    block = make_pair(2, 5, 2, mode=mode, spatial_dims=3)[0]
+    rejected(
+        block, torch.randn(2, 5, 4, 4, dtype=torch.float64), ValueError,
+        r"expected a 5-D input \[N, C, D, H, W\] \(the layers' convolutions are Conv3d\), got a 4-D tensor",
+    )
 
 
 def test_not_a_tensor(block):
@@ -99,6 +111,40 @@ def test_unsupported_layer_configuration(replace, pattern):
     block = make_pair(3, 5, 2)[0]
     replace(block.denselayer2)
     rejected(block, torch.randn(2, 5, 4, 4, dtype=torch.float64), ValueError, pattern)
+
+
+@pytest.mark.parametrize(
+    "replace, pattern",
+    [
+        pytest.param(
+            lambda layer: setattr(layer, "norm1", nn.BatchNorm2d(layer.norm1.num_features).double()),
+            r"denselayer2.norm1 = nn.BatchNorm3d\(affine=True\).*got BatchNorm2d\(7,",
+            id="2d-norm",
+        ),
+        pytest.param(
+            lambda layer: setattr(layer, "conv2", nn.Conv2d(8, 2, 3, padding=1, bias=False).double()),
+            r"denselayer2.conv2 to be nn.Conv3d\(kernel_size=3, stride=1, padding=1, bias=False\); got Conv2d",
+            id="2d-conv",
+        ),
+        pytest.param(
+            lambda layer: setattr(layer, "conv2", nn.Conv3d(8, 2, (1, 3, 3), padding=(0, 1, 1), bias=False).double()),
+            r"denselayer2.conv2 to be nn.Conv3d\(kernel_size=3, stride=1, padding=1, bias=False\); got Conv3d\(8, 2, kernel_size=\(1, 3, 3\)",
+            id="anisotropic-kernel",
+        ),
+    ],
+)
+def test_unsupported_volume_layer_configuration(replace, pattern):
+    block = make_pair(3, 5, 2, spatial_dims=3)[0]
+    replace(block.denselayer2)
+    rejected(block, torch.randn(2, 5, 3, 4, 4, dtype=torch.float64), ValueError, pattern)
+
+
+def test_volume_of_one_value_per_channel_in_training():
+    block = make_pair(2, 5, 2, spatial_dims=3)[0]
+    rejected(
+        block, torch.randn(1, 5, 1, 1, 1, dtype=torch.float64), ValueError,
+        re.escape("Expected more than 1 value per channel when training, got input size torch.Size([1, 5, 1, 1, 1])"),
+    )
 
 
 def test_mixed_dropout_rates_are_rejected():

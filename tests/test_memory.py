@@ -41,7 +41,7 @@ def block_and_input(num_layers, mode="efficient", dtype=torch.float32, **kwargs)
 def test_efficient_saved_bytes_equal_the_model(num_layers, options):
     block, x = block_and_input(num_layers, **options)
     predicted = dense_block_saved_bytes(
-        BATCH, SIZE, SIZE, C0, num_layers, K,
+        (BATCH, C0, SIZE, SIZE), num_layers, K,
         bn_size=options.get("bn_size", 4),
         dtype=options.get("dtype", torch.float32),
         drop_rate=options.get("drop_rate", 0.0),
@@ -53,7 +53,7 @@ def test_efficient_saved_bytes_equal_the_model(num_layers, options):
 def test_frozen_batchnorm_saves_the_same():
     block, x = block_and_input(8)
     block.eval()
-    assert measured_saved_bytes(block, x) == dense_block_saved_bytes(BATCH, SIZE, SIZE, C0, 8, K)
+    assert measured_saved_bytes(block, x) == dense_block_saved_bytes((BATCH, C0, SIZE, SIZE), 8, K)
 
 
 def test_nothing_saved_without_grad():
@@ -133,7 +133,7 @@ def test_whole_model_saved_bytes_equal_the_model(build, size, mode, recompute, t
     model = build(mode=mode, recompute_bottleneck=recompute, drop_rate=drop_rate).train(training)
     x = torch.randn(3, 3, size, size)
     _, measured = saved_tensor_bytes(model, x, ignore=[*model.parameters(), *model.buffers()])
-    assert measured == model_saved_bytes(model, 3, size, size)
+    assert measured == model_saved_bytes(model, (3, 3, size, size))
 
 
 def test_whole_model_saved_bytes_float64_and_mixed_modes():
@@ -145,4 +145,4 @@ def test_whole_model_saved_bytes_float64_and_mixed_modes():
     model.features.denseblock3.mode = "checkpoint"
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     _, measured = saved_tensor_bytes(model, x, ignore=[*model.parameters(), *model.buffers()])
-    assert measured == model_saved_bytes(model, 2, 32, 32, dtype=torch.float64)
+    assert measured == model_saved_bytes(model, (2, 3, 32, 32), dtype=torch.float64)

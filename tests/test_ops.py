@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_pair, rel_error, requires_cuda
+from conftest import block_forward_arguments, make_pair, opcheck_block_backward, positional, rel_error, requires_cuda
 from densenet_efficient import reference
 from densenet_efficient._ops import argument_names, math_dtype, ops, result_names
 
@@ -388,23 +388,10 @@ def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=
     block, _ = make_pair(2, 3, 2, bn_size=bn_size, drop_rate=drop_rate)
     block.train(training)
     block.requires_grad_(requires_grad)
-    layers = list(block.values())
-    args = {"input": torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=requires_grad)}
-    for prefix, norms in (("norm1", [l.norm1 for l in layers]), ("norm2", [l.norm2 for l in layers if bn_size])):
-        args[f"{prefix}_weight"] = [n.weight for n in norms]
-        args[f"{prefix}_bias"] = [n.bias for n in norms]
-        for stat in ("running_mean", "running_var"):
-            args[f"{prefix}_{stat}"] = [None if training else getattr(n, stat) for n in norms]
-        args[f"{prefix}_eps"] = [n.eps for n in norms]
-    args["conv1_weight"] = [l.conv1.weight for l in layers]
-    args["conv2_weight"] = [l.conv2.weight for l in layers if bn_size]
-    args.update(dropout_p=drop_rate if training else 0.0, recompute_bottleneck=recompute,
-                save_for_backward=requires_grad, sync_group="")
-    return args
-
-
-def _positional(op, args):
-    return tuple(args[name] for name in argument_names(op))
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=requires_grad)
+    return block_forward_arguments(
+        block, x, dropout_p=drop_rate if training else 0.0, recompute=recompute, save_for_backward=requires_grad
+    )
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -414,7 +401,7 @@ def _positional(op, args):
 def test_opcheck_dense_block_forward(training, recompute, bn_size):
     for requires_grad in (True, False):
         args = _block_forward_args(training, recompute=recompute, requires_grad=requires_grad, bn_size=bn_size)
-        torch.library.opcheck(ops.dense_block_forward.default, _positional(ops.dense_block_forward.default, args))
+        torch.library.opcheck(ops.dense_block_forward.default, positional(ops.dense_block_forward.default, args))
 
 
 def test_opcheck_dense_block_forward_with_dropout():
@@ -423,7 +410,7 @@ def test_opcheck_dense_block_forward_with_dropout():
     # the seeded parity tests cover the values.
     torch.library.opcheck(
         ops.dense_block_forward.default,
-        _positional(ops.dense_block_forward.default, _block_forward_args(True, drop_rate=0.5)),
+        positional(ops.dense_block_forward.default, _block_forward_args(True, drop_rate=0.5)),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
 
@@ -431,15 +418,7 @@ def test_opcheck_dense_block_forward_with_dropout():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("bn_size", [2, 0], ids=["bottleneck", "plain"])
 def test_opcheck_dense_block_backward(training, bn_size):
-    args = _block_forward_args(training, drop_rate=0.3, bn_size=bn_size)
-    with torch.no_grad():
-        results = dict(zip(result_names(ops.dense_block_forward.default), ops.dense_block_forward(**args)))
-    detached = {n: [t.detach() if isinstance(t, torch.Tensor) else t for t in v] if isinstance(v, list) else v
-                for n, v in args.items()}
-    backward_args = {**detached, **results, "grad_output": torch.randn_like(results["output"])}
-    torch.library.opcheck(
-        ops.dense_block_backward.default, _positional(ops.dense_block_backward.default, backward_args)
-    )
+    opcheck_block_backward(_block_forward_args(training, drop_rate=0.3, bn_size=bn_size))
 
 
 def test_block_ops_take_and_give_arguments_by_name():
@@ -459,8 +438,10 @@ def test_block_ops_take_and_give_arguments_by_name():
 
 def test_op_errors_name_expected_and_given():
     x, mean, var, weight, bias = _bn_args(False)
-    with pytest.raises(ValueError, match=r"expected input to be a 4-D tensor.*got a 3-D"):
-        ops.bn_relu(x[0], mean, var, weight, bias, 1e-5)
+    with pytest.raises(ValueError, match=r"expected input to be a 3-D, 4-D or 5-D tensor.*got a 2-D"):
+        ops.bn_relu(x[0, 0], mean, var, weight, bias, 1e-5)
+    with pytest.raises(ValueError, match=r"expected input to be a 3-D, 4-D or 5-D tensor.*got a 6-D"):
+        ops.channel_stats(x[..., None, None])
     with pytest.raises(ValueError, match=r"expected weight of shape \[3\].*got shape \[4\]"):
         ops.bn_relu(x, mean, var, torch.ones(4, dtype=torch.float64), bias, 1e-5)
     with pytest.raises(ValueError, match=r"expected eps >= 0, got -1"):

@@ -2,8 +2,9 @@
 // channel statistics (alone, or fused with the copy of new features), fused
 // BatchNorm+ReLU forward and its backward, and the running-statistics update.
 //
-// Layout: a [N, C, H, W] tensor whose H×W planes are contiguous (the block
-// buffer, channel slices of it, NCHW scratches). Each plane is one vectorised
+// Layout: a [N, C, *spatial] tensor whose planes (one sample's and channel's
+// spatial elements) are contiguous (the block buffer, channel slices of it,
+// contiguous scratches). Each plane is one vectorised
 // run; reductions accumulate per plane in the math type (float for
 // half/bfloat16) and across planes in double. Threads split the channels
 // (reductions) or the planes (elementwise).
@@ -189,7 +190,7 @@ void channel_stats_impl(
     const at::Tensor& var) {
   using math_t = at::opmath_type<scalar_t>;
   const int64_t batch = input.size(0), channels = input.size(1);
-  const int64_t plane_size = input.size(2) * input.size(3);
+  const int64_t plane_size = densenet_efficient::plane_size(input);
   const int64_t count = batch * plane_size;
   const auto x = read_planes<scalar_t>(input);
   const auto out = copy_to != nullptr ? write_planes<scalar_t>(*copy_to) : Planes<scalar_t>{};
@@ -264,7 +265,7 @@ struct CpuKernels {
       double eps,
       const at::Tensor& out) {
     const int64_t batch = input.size(0), channels = input.size(1);
-    const int64_t plane_size = input.size(2) * input.size(3);
+    const int64_t plane_size = densenet_efficient::plane_size(input);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_cpu", [&] {
           using math_t = at::opmath_type<scalar_t>;
@@ -303,7 +304,7 @@ struct CpuKernels {
       const at::Tensor& grad_weight,
       const at::Tensor& grad_bias) {
     const int64_t batch = input.size(0), channels = input.size(1);
-    const int64_t plane_size = input.size(2) * input.size(3);
+    const int64_t plane_size = densenet_efficient::plane_size(input);
     const int64_t count = batch * plane_size;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cpu",

@@ -2,8 +2,9 @@
 // channel statistics (alone, or fused with the copy of new features), fused
 // BatchNorm+ReLU forward and its backward.
 //
-// Layout: [N, C, H, W] tensors whose H×W planes are contiguous (the block
-// buffer, channel slices of it, NCHW scratches). The elementwise kernels and
+// Layout: [N, C, *spatial] tensors whose planes (a sample's and channel's
+// spatial elements) are contiguous (the block buffer, channel slices of it,
+// contiguous scratches). The elementwise kernels and
 // the per-channel reductions are carried out by launch.cuh as the host plans
 // of ../launch_plan.h (tested on the CPU) say. Arithmetic is in the math
 // type: float for half/bfloat16/float, double for double.
@@ -435,7 +436,7 @@ void bn_relu_backward_launch(
   auto* k = reinterpret_cast<GradCoefficients<math_t>*>(coefficients.data_ptr());
   finalize_grad_kernel<math_t><<<finalize_blocks(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const GradSums<math_t>*>(partials.first.const_data_ptr()), channels,
-      partials.second, input.size(0) * input.size(2) * input.size(3), batch_stats, params,
+      partials.second, input.size(0) * plane_size(input), batch_stats, params,
       grad_weight.mutable_data_ptr<math_t>(), grad_bias.mutable_data_ptr<math_t>(), k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_for_each_vector<GradInputOf<scalar_t, accumulate>::template Op, scalar_t>(

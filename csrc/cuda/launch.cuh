@@ -38,7 +38,7 @@ inline int64_t multiprocessors(const at::Tensor& t) {
 }
 
 inline launch::Shape shape_of(const at::Tensor& t) {
-  return {t.size(0), t.size(1), t.size(2) * t.size(3)};
+  return {t.size(0), t.size(1), plane_size(t)};
 }
 
 inline launch::PlaneLayout layout_of(const at::Tensor& t) {
