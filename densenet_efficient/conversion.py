@@ -44,7 +44,8 @@ def _as_dense_block(block: nn.Module, adapter, mode: str, recompute_bottleneck: 
 
 def convert(model: nn.Module, mode: str = "efficient", recompute_bottleneck: bool = False) -> nn.Module:
     """Replaces, in place, every dense block of ``model`` — torchvision's
-    ``_DenseBlock``, timm's ``DenseBlock``, the reference's, or ours — by our
+    ``_DenseBlock``, timm's ``DenseBlock``, MONAI's ``_DenseBlock`` (1-D, 2-D
+    or 3-D), the reference's, or ours — by our
     ``DenseBlock`` in ``mode``, built from the very same parameters and
     buffers: they stay the same objects (an optimizer made before keeps
     working) and ``state_dict`` keys do not change. ``convert(model,
@@ -60,7 +61,7 @@ def convert(model: nn.Module, mode: str = "efficient", recompute_bottleneck: boo
     if not blocks:
         raise ValueError(
             f"convert: found no dense block to convert in this {type(model).__name__}; it looks for "
-            f"{', '.join(_known_block_classes())} (timm's and torchvision's only when installed)"
+            f"{', '.join(_known_block_classes())} (timm's, MONAI's and torchvision's only when installed)"
         )
     # Blocks inside blocks are not a thing; a block's own layers are handled with it.
     for path, block, adapter in blocks:

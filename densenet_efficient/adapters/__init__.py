@@ -9,6 +9,6 @@ dense blocks: one small module per library. Each has
   built around the very same Parameter and buffer objects, in order.
 """
 
-from . import timm, torchvision
+from . import monai, timm, torchvision
 
-ADAPTERS = (torchvision, timm)
+ADAPTERS = (torchvision, timm, monai)

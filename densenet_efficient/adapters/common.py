@@ -26,3 +26,15 @@ def check_layer_names(path: str, block: nn.Module) -> list[tuple[str, nn.Module]
             where = f"{path}.{name}" if path else name
             raise ValueError(f"convert: {where}: expected child 'denselayer{index + 1}', got {name!r}")
     return layers
+
+
+def library_layers(path: str, block: nn.Module, layer_class: type, description: str) -> list[tuple[str, nn.Module]]:
+    """(where, layer) for each layer of a library's block, after checking
+    their names and that each is a `layer_class` (`description` names it)."""
+    checked = []
+    for name, layer in check_layer_names(path, block):
+        where = f"{path}.{name}" if path else name
+        if type(layer) is not layer_class:
+            raise ValueError(f"convert: {where} is a {type(layer).__qualname__}, not {description}; the model is unchanged")
+        checked.append((where, layer))
+    return checked

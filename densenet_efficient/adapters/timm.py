@@ -12,7 +12,7 @@ from torch import nn
 
 from ..modules import DenseLayer
 from ..sync import _sharing_tensors
-from .common import check_layer_for_mode, check_layer_names
+from .common import check_layer_for_mode, library_layers
 
 _PARTS = ("norm1", "conv1", "norm2", "conv2")
 
@@ -62,19 +62,14 @@ def _as_dense_layer(layer: nn.Module, mode: str) -> DenseLayer:
     converted.relu2 = nn.ReLU(inplace=True)
     converted.conv2 = layer.conv2
     converted.drop_rate = float(layer.drop_rate)
-    converted.train(layer.training)
+    converted.training = layer.training  # its parts keep their own train/eval flags
     converted.mode = mode
     return converted
 
 
 def check(path: str, block: nn.Module, mode: str) -> None:
     _, timm_layer, _ = _timm_classes()
-    for name, layer in check_layer_names(path, block):
-        where = f"{path}.{name}" if path else name
-        if type(layer) is not timm_layer:
-            raise ValueError(
-                f"convert: {where} is a {type(layer).__qualname__}, not timm's DenseLayer; the model is unchanged"
-            )
+    for where, layer in library_layers(path, block, timm_layer, "timm's DenseLayer"):
         children = [child for child, _ in layer.named_children()]
         if children != list(_PARTS):
             raise ValueError(f"convert: {where} has submodules {children}, expected {list(_PARTS)}; the model is unchanged")

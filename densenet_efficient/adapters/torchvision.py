@@ -34,6 +34,9 @@ def _layer_classes() -> tuple[type, ...]:
 def check(path: str, block: nn.Module, mode: str) -> None:
     for name, layer in check_layer_names(path, block):
         where = f"{path}.{name}" if path else name
+        if isinstance(layer, DenseLayer):  # ours, in any library's layout: only its mode changes
+            check_layer_for_mode(where, layer, mode)
+            continue
         if type(layer) not in _layer_classes():
             raise ValueError(
                 f"convert: {where} is a {type(layer).__qualname__}, not a dense layer it can convert "
@@ -48,7 +51,7 @@ def check(path: str, block: nn.Module, mode: str) -> None:
 def _as_dense_layer(layer: nn.Module, mode: str) -> DenseLayer:
     """Our DenseLayer around the very same submodules (and so the same
     Parameter and buffer objects)."""
-    if type(layer) is DenseLayer:
+    if isinstance(layer, DenseLayer):
         layer.mode = mode
         return layer
     converted = DenseLayer.__new__(DenseLayer)
@@ -57,7 +60,7 @@ def _as_dense_layer(layer: nn.Module, mode: str) -> DenseLayer:
         if hasattr(layer, part):
             setattr(converted, part, getattr(layer, part))
     converted.drop_rate = float(layer.drop_rate)
-    converted.train(layer.training)
+    converted.training = layer.training  # its parts keep their own train/eval flags
     converted.mode = mode
     return converted
 
