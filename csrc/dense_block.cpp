@@ -119,14 +119,27 @@ std::tuple<Tensor, Tensor> conv_backward(
 // at::native_dropout draws its mask exactly as at::dropout (F.dropout) does on
 // every device, so seeded runs match the reference; it also hands back the
 // mask that backward needs. p == 1 draws nothing, as at::dropout.
-std::tuple<Tensor, Tensor> dropout_with_mask(const Tensor& input, double p) {
+std::tuple<Tensor, Tensor> dropout_with_mask(const Tensor& input, double p, bool whole_channels) {
+  if (whole_channels) {
+    // at::feature_dropout's draws: noise [N, C, 1, ...] ~ Bernoulli(1 − p),
+    // scaled by 1/(1 − p), nothing drawn for p == 1. The noise is the mask.
+    std::vector<int64_t> shape(static_cast<size_t>(input.dim()), 1);
+    shape[0] = input.size(0);
+    shape[1] = input.size(1);
+    const auto noise = p == 1 ? at::zeros(shape, input.options())
+                              : at::empty(shape, input.options()).bernoulli_(1 - p).div_(1 - p);
+    return {input * noise, noise};
+  }
   if (p == 1) {
     return {at::zeros_like(input), at::zeros_like(input, at::kBool)};
   }
   return at::native_dropout(input, p, /*train=*/true);
 }
 
-Tensor dropout_backward(const Tensor& grad, const Tensor& mask, double p) {
+Tensor dropout_backward(const Tensor& grad, const Tensor& mask, double p, bool whole_channels) {
+  if (whole_channels) {
+    return grad * mask;
+  }
   return at::native_dropout_backward(grad, mask, p == 1 ? 0.0 : 1.0 / (1.0 - p));
 }
 

@@ -161,9 +161,10 @@ std::tuple<Tensor, Tensor> conv_backward(
     const Tensor& weight,
     int64_t padding);
 
-// Dropout as F.dropout draws it (seeded runs match the reference), with the
-// mask backward needs.
-std::tuple<Tensor, Tensor> dropout_with_mask(const Tensor& input, double p);
-Tensor dropout_backward(const Tensor& grad, const Tensor& mask, double p);
+// Dropout as F.dropout draws it (seeded runs match the reference), or with
+// `whole_channels` as F.dropout2d/3d draw it (one draw per sample and
+// channel), with the mask backward needs.
+std::tuple<Tensor, Tensor> dropout_with_mask(const Tensor& input, double p, bool whole_channels);
+Tensor dropout_backward(const Tensor& grad, const Tensor& mask, double p, bool whole_channels);
 
 } // namespace densenet_efficient::block

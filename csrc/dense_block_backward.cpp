@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -45,6 +46,7 @@ BackwardResult dense_block_backward(
     const Tensor& count,
     at::TensorList dropout_masks,
     double dropout_p,
+    bool dropout_whole_channels,
     c10::string_view sync_group) {
   constexpr const char* op = "dense_block_backward";
   check_block_rank(op, "output", output);
@@ -74,6 +76,21 @@ BackwardResult dense_block_backward(
           static_cast<int64_t>(dropout_masks.size()) == num_layers,
       op, ": expected one dropout mask per layer (", num_layers, "), got ",
       dropout_masks.size());
+  if (dropout_p > 0) {
+    // What dropout_with_mask kept: the scaled noise [N, k, 1, ...] in the
+    // features' dtype, or a bool mask of the new features' shape.
+    auto expected = maps_shape(output, block.growth_rate);
+    if (dropout_whole_channels) {
+      std::fill(expected.begin() + 2, expected.end(), 1);
+    }
+    const auto dtype = dropout_whole_channels ? output.scalar_type() : at::kBool;
+    for (const auto& mask : dropout_masks) {
+      TORCH_CHECK_VALUE(
+          mask.sizes() == at::IntArrayRef(expected) && mask.scalar_type() == dtype, op,
+          ": expected dropout masks of shape ", at::IntArrayRef(expected), " and dtype ", dtype, ", got ", mask.sizes(),
+          " and ", mask.scalar_type());
+    }
+  }
   const std::vector<int64_t> stats_shape{BlockStats::size(block)};
   TORCH_CHECK_VALUE(
       batch_mean.sizes() == stats_shape && batch_var.sizes() == stats_shape, op,
@@ -103,7 +120,7 @@ BackwardResult dense_block_backward(
     auto grad_new_features = range_of(grad_features, 1, channels, growth);
     if (dropout_p > 0) {
       grad_new_features =
-          dropout_backward(grad_new_features, dropout_masks[l], dropout_p);
+          dropout_backward(grad_new_features, dropout_masks[l], dropout_p, dropout_whole_channels);
     }
     const auto features = range_of(output, 1, 0, channels);
     const auto norm1 = norm1_normalization(block, l, stats);

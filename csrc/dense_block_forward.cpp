@@ -60,6 +60,7 @@ ForwardResult dense_block_forward(
     at::ArrayRef<double> norm2_eps,
     at::TensorList conv2_weight,
     double dropout_p,
+    bool dropout_whole_channels,
     bool recompute_bottleneck,
     bool save_for_backward,
     c10::string_view sync_group) {
@@ -71,9 +72,11 @@ ForwardResult dense_block_forward(
   TORCH_CHECK_VALUE(
       !conv1_weight.empty(), op, ": a dense block needs at least one layer");
   TORCH_CHECK_VALUE(
-      conv1_weight[0].dim() >= 2 && conv1_weight[0].size(1) == input.size(1),
-      op, ": expected an input with ", conv1_weight[0].sizes().at(1),
-      " channels (what layer 1 reads), got input of shape ", input.sizes());
+      conv1_weight[0].dim() == input.dim(), op, ": conv weights should be ", input.dim(),
+      "-D for a ", input.dim(), "-D input, got layer 1's conv1 of shape ", conv1_weight[0].sizes());
+  TORCH_CHECK_VALUE(
+      conv1_weight[0].size(1) == input.size(1), op, ": expected an input with ",
+      conv1_weight[0].size(1), " channels (what layer 1 reads), got input of shape ", input.sizes());
   const Block block = make_block(
       op,
       {norm1_weight, norm1_bias, norm1_running_mean, norm1_running_var,
@@ -132,7 +135,7 @@ ForwardResult dense_block_forward(
       new_features = conv3x3(norm1_out, layer.conv1_weight);
     }
     if (dropout_p > 0) {
-      auto [dropped, mask] = dropout_with_mask(new_features, dropout_p);
+      auto [dropped, mask] = dropout_with_mask(new_features, dropout_p, dropout_whole_channels);
       new_features = std::move(dropped);
       if (save_for_backward) {
         dropout_masks.push_back(std::move(mask));

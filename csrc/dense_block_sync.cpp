@@ -62,7 +62,9 @@ std::tuple<Tensor, Tensor, Tensor> SyncBatchNorm::bn_relu_backward(
   const auto invstd = at::rsqrt(n.var + n.eps);
   const auto sums = all_reduce_sum(at::stack({grad_weight.to(math), grad_bias.to(math)}));
   const auto scale = norm.weight.to(math) * invstd / global_count;
-  const auto as_channels = [](const Tensor& v) { return v.view({1, -1, 1, 1}); };
+  std::vector<int64_t> channel_shape(static_cast<size_t>(input.dim()), 1);  // [1, C, 1, ...]
+  channel_shape[1] = -1;
+  const auto as_channels = [&](const Tensor& v) { return v.view(channel_shape); };
   const auto correction = as_channels(scale * sums[1]) +
       as_channels(scale * invstd * sums[0]) * (input.to(math) - as_channels(n.mean));
   return {

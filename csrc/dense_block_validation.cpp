@@ -132,7 +132,7 @@ Block make_block(
   const auto rank = input.dim();
   TORCH_CHECK_VALUE(
       first_conv1.dim() == rank && (!bottleneck || args.conv2_weight[0].dim() == rank), op,
-      ": conv weights should be ", rank, "-D for a ", rank, "-D input of shape ", input.sizes(),
+      ": conv weights should be ", rank, "-D (the rank of the block's tensors, ", input.sizes(), ")",
       ", got conv1 ", first_conv1.sizes(),
       bottleneck ? " and conv2 " : "", bottleneck ? args.conv2_weight[0].sizes() : at::IntArrayRef{});
   const auto kernel = [rank](int64_t out, int64_t in, int64_t size) {
@@ -177,7 +177,8 @@ Block make_block(
 
 void check_block_rank(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK_VALUE(
-      t.dim() >= 3 && t.dim() <= 5, op, ": expected a 3-D, 4-D or 5-D ", name,
+      t.dim() >= 2 + kMinSpatialDims && t.dim() <= 2 + kMaxSpatialDims, op,
+      ": expected a 3-D, 4-D or 5-D ", name,
       " ([N, C, L], [N, C, H, W] or [N, C, D, H, W]), got a ", t.dim(), "-D tensor of shape ",
       t.sizes());
 }

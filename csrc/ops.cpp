@@ -44,6 +44,9 @@ TORCH_LIBRARY(densenet_efficient, m) {
   // batch_mean/batch_var: [C_max + L·4k], the statistics of the channels
   // norm1 reads, then each layer's bottleneck (zero where a norm uses running
   // statistics); count: values per channel over all ranks (int64).
+  // dropout_whole_channels: drop (sample, channel) planes as F.dropout2d/3d
+  // do (dropout_masks then hold the scaled noise [N, k, 1, ...]); else single
+  // values as F.dropout (bool masks of the new features' shape).
   m.def(
       "dense_block_forward(Tensor input, "
       "Tensor[] norm1_weight, Tensor[] norm1_bias, "
@@ -52,7 +55,8 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "Tensor[] norm2_weight, Tensor[] norm2_bias, "
       "Tensor?[] norm2_running_mean, Tensor?[] norm2_running_var, "
       "float[] norm2_eps, Tensor[] conv2_weight, "
-      "float dropout_p, bool recompute_bottleneck, bool save_for_backward, "
+      "float dropout_p, bool dropout_whole_channels, bool recompute_bottleneck, "
+      "bool save_for_backward, "
       "str sync_group) "
       "-> (Tensor output, Tensor[] bottlenecks, Tensor batch_mean, "
       "Tensor batch_var, Tensor count, Tensor[] dropout_masks)",
@@ -67,6 +71,7 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "float[] norm2_eps, Tensor[] conv2_weight, "
       "Tensor[] bottlenecks, Tensor batch_mean, Tensor batch_var, "
       "Tensor count, Tensor[] dropout_masks, float dropout_p, "
+      "bool dropout_whole_channels, "
       "str sync_group) "
       "-> (Tensor grad_input, Tensor[] grad_norm1_weight, "
       "Tensor[] grad_norm1_bias, Tensor[] grad_conv1_weight, "

@@ -180,6 +180,15 @@ def block_statistics_size(num_input_features: int, num_layers: int, growth_rate:
     return num_input_features + (num_layers - 1) * growth_rate + num_layers * bottleneck_width
 
 
+def _dropout_mask(input: torch.Tensor, growth: int, whole_channels: bool) -> torch.Tensor:
+    """What the block keeps of a layer's dropout: the scaled noise per sample
+    and channel, or a bool mask per value."""
+    batch, _, *spatial = input.shape
+    if whole_channels:
+        return input.new_empty((batch, growth, *[1] * len(spatial)))
+    return input.new_empty((batch, growth, *spatial), dtype=torch.bool)
+
+
 @torch.library.register_fake(_lib + "dense_block_forward")
 def _(*args, **kwargs):
     a = _bind(_FORWARD, args, kwargs)
@@ -204,7 +213,7 @@ def _(*args, **kwargs):
         "batch_mean": input.new_empty((size,), dtype=stats),
         "batch_var": input.new_empty((size,), dtype=stats),
         "count": input.new_empty((), dtype=torch.int64),
-        "dropout_masks": [input.new_empty((batch, growth, *spatial), dtype=torch.bool) for _ in range(num_layers)]
+        "dropout_masks": [_dropout_mask(input, growth, a["dropout_whole_channels"]) for _ in range(num_layers)]
         if save and a["dropout_p"] > 0
         else [],
     }

@@ -91,11 +91,6 @@ def _check_layer(name: str, layer: nn.Module, bottleneck: bool, spatial_dims: in
                 f"efficient mode supports {name}.{norm_name} = nn.{norm_type.__name__}(affine=True) "
                 f"(track_running_stats and momentum may be anything); got {norm!r}"
             )
-    if getattr(layer, "drops_whole_channels", False) and layer.drop_rate > 0:
-        raise ValueError(
-            f"efficient mode drops single values (F.dropout); {name} drops whole channels "
-            f"({type(layer.dropout_module).__name__}): use mode='checkpoint' or no dropout"
-        )
     for relu_name in ("relu1", "relu2") if bottleneck else ("relu1",):
         relu = getattr(layer, relu_name, None)
         if type(relu) is not nn.ReLU:
@@ -167,16 +162,28 @@ def _check_input(input: Tensor, named: list[tuple[str, nn.Module]]) -> None:
         )
 
 
-def _dropout_probability(named: list[tuple[str, nn.Module]]) -> float:
-    rates = {name: (layer.drop_rate if layer.training else 0.0) for name, layer in named}
-    distinct = set(rates.values())
-    if len(distinct) > 1:
+def _drops_whole_channels(layer: nn.Module) -> bool:
+    """Whether a layer's dropout draws per sample and channel (F.dropout2d/3d,
+    as MONAI's layers do) rather than per value (F.dropout, torchvision's)."""
+    return bool(getattr(layer, "drops_whole_channels", False))
+
+
+def _dropout(named: list[tuple[str, nn.Module]]) -> tuple[float, bool]:
+    """The block's dropout: (probability, whole channels), alike in every layer."""
+    kinds = {name: (layer.drop_rate if layer.training else 0.0, _drops_whole_channels(layer)) for name, layer in named}
+    if len({rate for rate, _ in kinds.values()}) > 1:
+        rates = {name: rate for name, (rate, _) in kinds.items()}
         raise ValueError(
             "efficient mode needs the same effective dropout rate (drop_rate when training, "
             f"else 0) in every layer of a block; got {rates}"
         )
-    (p,) = distinct
-    return float(p)
+    p = next(iter(kinds.values()))[0]
+    if p > 0 and len({whole for _, whole in kinds.values()}) > 1:
+        wholes = {name: whole for name, (_, whole) in kinds.items()}
+        raise ValueError(
+            f"efficient mode needs every layer of a block to drop alike (single values or whole channels); got {wholes}"
+        )
+    return float(p), p > 0 and next(iter(kinds.values()))[1]
 
 
 def dense_block(
@@ -210,7 +217,7 @@ def dense_block(
     spatial_dims = spatial_dims_of(named[0][1])
     for name, layer in named:
         _check_layer(name, layer, bottleneck, spatial_dims)
-    dropout_p = _dropout_probability(named)
+    dropout_p, dropout_whole_channels = _dropout(named)
     modules = [layer for _, layer in named]
     norm1 = [layer.norm1 for layer in modules]
     norm2 = [layer.norm2 for layer in modules] if bottleneck else []
@@ -247,6 +254,7 @@ def dense_block(
             norm2_eps=[float(n.eps) for n in norm2],
             conv2_weight=conv_weights(layer.conv2 for layer in modules if bottleneck),
             dropout_p=dropout_p,
+            dropout_whole_channels=dropout_whole_channels,
             recompute_bottleneck=recompute_bottleneck,
             save_for_backward=needs_grad,
             sync_group=sync_group or "",

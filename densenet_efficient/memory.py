@@ -102,6 +102,7 @@ def dense_block_saved_bytes(
     dtype: torch.dtype = torch.float32,
     drop_rate: float = 0.0,
     recompute_bottleneck: bool = False,
+    dropout_whole_channels: bool = False,
 ) -> int:
     """Activation bytes an efficient-mode DenseBlock saves for backward in a
     training step on an input of shape ``input_shape`` = [N, C0, *spatial]
@@ -115,14 +116,17 @@ def dense_block_saved_bytes(
       channels some norm1 reads and of each layer's bn_size·k bottleneck
       channels, in the math dtype (float32 for half/bfloat16), and the number
       of values per channel (one int64);
-    * with dropout, one bool mask of N·k·P per layer.
+    * with dropout, one bool mask of N·k·P per layer; dropping whole channels
+      (F.dropout2d/3d), the scaled noise of N·k values per layer instead.
     """
     s = _BlockSizes(input_shape, num_layers, growth_rate, bn_size, dtype)
     total = s.maps(s.out_channels) + s.statistics()
     if not recompute_bottleneck:
         total += num_layers * s.maps(s.width_4k)
     if drop_rate > 0:
-        total += num_layers * s.plane * growth_rate  # torch.bool
+        batch = input_shape[0]
+        per_layer = batch * growth_rate * s.itemsize if dropout_whole_channels else s.plane * growth_rate  # bool
+        total += num_layers * per_layer
     return total
 
 
@@ -134,6 +138,7 @@ def dense_block_peak_bytes(
     dtype: torch.dtype = torch.float32,
     drop_rate: float = 0.0,
     recompute_bottleneck: bool = False,
+    dropout_whole_channels: bool = False,
 ) -> int:
     """Peak bytes a training step of an efficient-mode DenseBlock on an input
     of shape ``input_shape`` = [N, C0, *spatial] allocates beyond its
@@ -150,7 +155,7 @@ def dense_block_peak_bytes(
     """
     s = _BlockSizes(input_shape, num_layers, growth_rate, bn_size, dtype)
     saved = dense_block_saved_bytes(
-        input_shape, num_layers, growth_rate, bn_size, dtype, drop_rate, recompute_bottleneck
+        input_shape, num_layers, growth_rate, bn_size, dtype, drop_rate, recompute_bottleneck, dropout_whole_channels
     )
     scratches = s.maps(s.max_in) + s.maps(s.width_4k)
     transients = 2 * s.maps(s.width_4k) + s.maps(s.max_in)
@@ -262,13 +267,18 @@ class _SavedBytes:
         out = x.new(x.channels + num_layers * growth)
         plane = x.batch * _numel(x.spatial)
         dropout = self.training and layers[0].drop_rate > 0
-        dropout_bytes = growth * plane * (1 if self.device_type == "cuda" else self.itemsize)
+        whole_channels = bool(getattr(layers[0], "drops_whole_channels", False))
+        if whole_channels:  # F.dropout2d/3d: input * noise keeps the noise, [N, k, 1, ...]
+            dropout_bytes = growth * x.batch * self.itemsize
+        else:  # F.dropout: a bool mask on CUDA, the float noise on CPU
+            dropout_bytes = growth * plane * (1 if self.device_type == "cuda" else self.itemsize)
         if block.mode == "efficient":
             self.total += dense_block_saved_bytes(
                 x.shape, num_layers, growth,
                 bn_size=width_4k // growth, dtype=_dtype_of(self.itemsize, self.math_itemsize),
                 drop_rate=layers[0].drop_rate if self.training else 0.0,
                 recompute_bottleneck=block.recompute_bottleneck,
+                dropout_whole_channels=whole_channels,
             )
             out.saved = True  # the block buffer is saved, and is the output
             return out
@@ -353,7 +363,7 @@ def _block_transients(block, x: _Tensor, itemsize: int, math_itemsize: int) -> t
         # buffer, the scratches and one layer's gradients.
         dtype = _dtype_of(itemsize, math_itemsize)
         args = (x.shape, len(layers), growth, width_4k // growth, dtype, layers[0].drop_rate,
-                block.recompute_bottleneck)
+                block.recompute_bottleneck, bool(getattr(layers[0], "drops_whole_channels", False)))
         sizes = _BlockSizes(*args[:5])
         forward = maps(max_in) + maps(width_4k) + maps(growth)
         backward = dense_block_peak_bytes(*args) - dense_block_saved_bytes(*args) - sizes.parameters()

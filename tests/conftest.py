@@ -106,7 +106,9 @@ def assert_results_close(ours: dict, expected: dict, tol: float) -> None:
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
 
 
-def block_forward_arguments(block, input, dropout_p=0.0, recompute=False, save_for_backward=True) -> dict:
+def block_forward_arguments(
+    block, input, dropout_p=0.0, recompute=False, save_for_backward=True, dropout_whole_channels=False
+) -> dict:
     """dense_block_forward's arguments by name for `block` (in its train/eval
     state) on `input`, as functional.dense_block passes them."""
     layers = list(block.values())
@@ -121,8 +123,8 @@ def block_forward_arguments(block, input, dropout_p=0.0, recompute=False, save_f
         args[f"{prefix}_eps"] = [n.eps for n in norms]
     args["conv1_weight"] = [layer.conv1.weight for layer in layers]
     args["conv2_weight"] = [layer.conv2.weight for layer in layers if bottleneck]
-    args.update(dropout_p=dropout_p, recompute_bottleneck=recompute, save_for_backward=save_for_backward,
-                sync_group="")
+    args.update(dropout_p=dropout_p, dropout_whole_channels=dropout_whole_channels, recompute_bottleneck=recompute,
+                save_for_backward=save_for_backward, sync_group="")
     return args
 
 

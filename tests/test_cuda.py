@@ -2,6 +2,8 @@
 against the reference on the GPU, gradcheck, peak memory against the analytic
 model, determinism, and the 64-bit index path. Skipped without a GPU."""
 
+import math
+
 import pytest
 import torch
 
@@ -20,8 +22,9 @@ pytestmark = [
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Plane sizes: a multiple of every vector width (16-byte loads), an odd one
 # (one element at a time), 7x7 and 14x14 (ImageNet's last blocks: vectors
-# that cross from one channel's plane into the next), and 1x1.
-PLANES = [(8, 8), (5, 3), (7, 7), (14, 14), (1, 1)]
+# that cross from one channel's plane into the next), and 1x1; volumes (a
+# plane of D·H·W values) and sequences.
+PLANES = [(8, 8), (5, 3), (7, 7), (14, 14), (1, 1), (4, 4, 2), (3, 5, 7), (9,)]
 
 
 def _tolerance(dtype):
@@ -39,7 +42,7 @@ def _slices(batch, channels, plane, dtype, seed, device="cuda"):
     wider buffer (a sample's planes back to back), the same one element off
     16-byte alignment, and planes spaced apart (each plane its own run)."""
     g = torch.Generator().manual_seed(seed)
-    size = plane[0] * plane[1]
+    size = math.prod(plane)
     wide = torch.randn(batch, channels + 5, *plane, generator=g, dtype=torch.float64) * 1.5 + 0.3
     flat = torch.randn(batch * (channels + 5) * size + 1, generator=g, dtype=torch.float64)
     spaced = torch.randn(batch, channels, size + 4, generator=g, dtype=torch.float64) * 1.5 + 0.3
@@ -103,7 +106,7 @@ def test_kernels_match_cpu_kernels_and_reference(dtype, plane, layout):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(64, 40, 32, 32), (256, 3, 14, 14), (8, 5, 128, 127)])
+@pytest.mark.parametrize("shape", [(64, 40, 32, 32), (256, 3, 14, 14), (8, 5, 128, 127), (4, 6, 32, 32, 33)])
 def test_statistics_of_channels_split_over_many_blocks(dtype, shape):
     """Channels of many values are reduced by several blocks each (at least
     1024 vectors per channel here) whose partial results the finalize kernel
@@ -113,7 +116,8 @@ def test_statistics_of_channels_split_over_many_blocks(dtype, shape):
     x = x64.to(dtype).cuda()
     mean, var = ops.channel_stats(x)
     exact_mean, exact_var = reference.channel_stats(x.double().cpu())
-    theirs_var, theirs_mean = torch.var_mean(x.to(mean.dtype), dim=(0, 2, 3), unbiased=False)
+    dims = (0, *range(2, x.dim()))
+    theirs_var, theirs_mean = torch.var_mean(x.to(mean.dtype), dim=dims, unbiased=False)
     for ours, theirs, exact in ((mean, theirs_mean, exact_mean), (var, theirs_var, exact_var)):
         tolerance = 1e-12 if dtype == torch.float64 else 2 * rel_error(theirs.cpu(), exact) + 1e-6
         assert rel_error(ours.cpu(), exact) <= tolerance
@@ -139,10 +143,12 @@ def test_empty_and_single_plane_inputs():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["keep-bottleneck", "recompute"])
-def test_block_matches_reference_float64(training, drop_rate, recompute):
-    ours, reference_block = (m.cuda().train(training) for m in make_pair(4, 6, 3, drop_rate=drop_rate, recompute_bottleneck=recompute))
-    x = torch.randn(4, 6, 7, 7, dtype=torch.float64, device="cuda")
-    grad = torch.randn(4, 18, 7, 7, dtype=torch.float64, device="cuda")
+@pytest.mark.parametrize("spatial", [(7, 7), (3, 4, 5), (11,)], ids=["2d", "3d", "1d"])
+def test_block_matches_reference_float64(training, drop_rate, recompute, spatial):
+    pair = make_pair(4, 6, 3, drop_rate=drop_rate, recompute_bottleneck=recompute, spatial_dims=len(spatial))
+    ours, reference_block = (m.cuda().train(training) for m in pair)
+    x = torch.randn(4, 6, *spatial, dtype=torch.float64, device="cuda")
+    grad = torch.randn(4, 18, *spatial, dtype=torch.float64, device="cuda")
     assert_results_close(step_results(ours, x, grad), step_results(reference_block, x, grad), 1e-10)
 
 

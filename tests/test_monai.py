@@ -108,26 +108,27 @@ def test_naive_mode_gives_back_monais_computation_with_its_dropout(spatial_dims)
     assert_results_close(step_results(converted, x, grad), step_results(original, x, grad), 1e-12)
 
 
-def test_elementwise_dropout_of_1d_models_runs_in_efficient_mode():
-    original = _small(1, dropout_prob=0.3)
-    converted = de.convert(copy.deepcopy(original))
-    assert converted.features.denseblock1.denselayer1.drop_rate == pytest.approx(0.3)
-    x, grad = _input(1, size=48)
-    assert_results_close(step_results(converted, x, grad), step_results(original, x, grad), 1e-10)
+@pytest.mark.parametrize("spatial_dims", [3, 2, 1])
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-bottleneck", "recompute"])
+def test_dropout_runs_in_efficient_mode_as_monai_draws_it(spatial_dims, recompute):
+    """Whole channels (Dropout3d/2d) in 3-D and 2-D, single values in 1-D:
+    the same draws as MONAI's modules for the same seed."""
+    original = _small(spatial_dims, dropout_prob=0.3)
+    converted = de.convert(copy.deepcopy(original), recompute_bottleneck=recompute)
+    layer = converted.features.denseblock1.denselayer1
+    assert layer.drop_rate == pytest.approx(0.3) and layer.drops_whole_channels == (spatial_dims > 1)
+    x, grad = _input(spatial_dims, size=12 if spatial_dims > 1 else 48)
+    assert_same_step(step_results(converted, x, grad), step_results(original, x, grad), 1e-10)
 
 
-def test_channel_dropout_is_refused_in_efficient_mode_naming_the_module():
-    model = _small(3, dtype=torch.float32, dropout_prob=0.2)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"features\.denseblock1\.denselayer1 drops whole channels \(Dropout3d\)"):
-        de.convert(model)
-    assert not _dense_blocks(model)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    de.convert(model, mode="checkpoint")  # runs MONAI's Dropout3d itself
-    blocks = _dense_blocks(model)
-    with pytest.raises(ValueError, match=r"denselayer1 drops whole channels"):
-        blocks[0].mode = "efficient"
-        blocks[0](torch.randn(2, 8, 4, 4, 4))
+@pytest.mark.parametrize("mode", ["naive", "efficient"])
+def test_saved_bytes_with_channel_dropout_equal_the_model(mode):
+    from densenet_efficient.memory import model_saved_bytes, saved_tensor_bytes
+
+    model = de.convert(_small(3, dtype=torch.float32, dropout_prob=0.2), mode=mode)
+    x = torch.randn(2, 2, 16, 16, 16)
+    _, measured = saved_tensor_bytes(model, x, ignore=[*model.parameters(), *model.buffers()])
+    assert measured == model_saved_bytes(model, tuple(x.shape))
 
 
 def test_other_norms_convert_for_naive_mode_only():
@@ -173,3 +174,21 @@ def test_a_frozen_norm_stays_frozen_through_conversion():
     de.convert(model)
     assert model.training and not frozen.training
     assert model.features.denseblock1.denselayer2.layers.norm2 is frozen
+
+
+def test_gradcheck_of_a_converted_block_with_channel_dropout():
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    block = monai_nets.densenet._DenseBlock(3, layers=2, in_channels=3, bn_size=2, growth_rate=2,
+                                            dropout_prob=0.4).double()
+    block = de.convert(block)
+    names = [name for name, _ in block.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in block.parameters())
+    x = torch.randn(2, 3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *params):
+        torch.manual_seed(0)  # the same channel draws at every evaluation
+        return functional_call(block, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))

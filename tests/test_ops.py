@@ -383,14 +383,16 @@ def test_opcheck_update_running_stats(momentum):
     torch.library.opcheck(ops.update_running_stats.default, _running_stats_args([momentum, 0.3]))
 
 
-def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=True, bn_size=2):
+def _block_forward_args(training, drop_rate=0.0, recompute=False, requires_grad=True, bn_size=2,
+                        whole_channels=False):
     """dense_block_forward's arguments by name, for a 2-layer block."""
     block, _ = make_pair(2, 3, 2, bn_size=bn_size, drop_rate=drop_rate)
     block.train(training)
     block.requires_grad_(requires_grad)
     x = torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=requires_grad)
     return block_forward_arguments(
-        block, x, dropout_p=drop_rate if training else 0.0, recompute=recompute, save_for_backward=requires_grad
+        block, x, dropout_p=drop_rate if training else 0.0, recompute=recompute, save_for_backward=requires_grad,
+        dropout_whole_channels=whole_channels,
     )
 
 
@@ -404,21 +406,45 @@ def test_opcheck_dense_block_forward(training, recompute, bn_size):
         torch.library.opcheck(ops.dense_block_forward.default, positional(ops.dense_block_forward.default, args))
 
 
-def test_opcheck_dense_block_forward_with_dropout():
+@pytest.mark.parametrize("whole_channels", [False, True], ids=["values", "whole-channels"])
+def test_opcheck_dense_block_forward_with_dropout(whole_channels):
     # Random masks differ between the eager and compiled runs that
     # test_aot_dispatch_dynamic compares, so only schema and fake kernel here;
     # the seeded parity tests cover the values.
     torch.library.opcheck(
         ops.dense_block_forward.default,
-        positional(ops.dense_block_forward.default, _block_forward_args(True, drop_rate=0.5)),
+        positional(ops.dense_block_forward.default,
+                   _block_forward_args(True, drop_rate=0.5, whole_channels=whole_channels)),
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("bn_size", [2, 0], ids=["bottleneck", "plain"])
-def test_opcheck_dense_block_backward(training, bn_size):
-    opcheck_block_backward(_block_forward_args(training, drop_rate=0.3, bn_size=bn_size))
+@pytest.mark.parametrize("whole_channels", [False, True], ids=["values", "whole-channels"])
+def test_opcheck_dense_block_backward(training, bn_size, whole_channels):
+    opcheck_block_backward(_block_forward_args(training, drop_rate=0.3, bn_size=bn_size, whole_channels=whole_channels))
+
+
+def test_channel_dropout_draws_what_feature_dropout_draws():
+    """dropout_whole_channels: per (sample, channel) draws, exactly those of
+    F.dropout2d (at::feature_dropout) for the same seed; the saved mask is the
+    scaled noise, and the backward op refuses a mask of the other kind."""
+    args = _block_forward_args(True, drop_rate=0.4, whole_channels=True)
+    torch.manual_seed(3)
+    results = dict(zip(result_names(ops.dense_block_forward.default), ops.dense_block_forward(**args)))
+    masks = results["dropout_masks"]
+    assert [tuple(m.shape) for m in masks] == [(2, 2, 1, 1)] * 2
+    assert all(set(m.flatten().tolist()) <= {0.0, 1 / 0.6} for m in masks)
+    torch.manual_seed(3)
+    draws = [torch.nn.functional.dropout2d(torch.ones(2, 2, 3, 3, dtype=torch.float64), 0.4) for _ in range(2)]
+    for mask, drawn in zip(masks, draws):
+        assert torch.equal(mask.expand(2, 2, 3, 3), drawn)
+    backward = {name: args.get(name, results.get(name)) for name in argument_names(ops.dense_block_backward.default)}
+    backward.update(grad_output=torch.randn_like(results["output"]),
+                    dropout_masks=[torch.ones(2, 2, 3, 3, dtype=torch.bool)] * 2)
+    with pytest.raises(ValueError, match=r"expected dropout masks of shape \[2, 2, 1, 1\] and dtype Double, got \[2, 2, 3, 3\] and Bool"):
+        ops.dense_block_backward(**backward)
 
 
 def test_block_ops_take_and_give_arguments_by_name():

@@ -243,8 +243,16 @@ def test_opcheck_block_ops(spatial_dims, training):
 def test_block_op_refuses_weights_of_another_rank():
     args = _block_args(True)
     flat = [w[..., 0] for w in args["conv1_weight"]]
-    with pytest.raises(ValueError, match=r"conv weights should be 5-D for a 5-D input of shape \[2, 3, 2, 3, 3\], got conv1 \[4, 3, 1, 1\] and conv2 \[2, 4, 3, 3, 3\]"):
+    with pytest.raises(ValueError, match=r"conv weights should be 5-D for a 5-D input, got layer 1's conv1 of shape \[4, 3, 1, 1\]"):
         ops.dense_block_forward(**dict(args, conv1_weight=flat))
+    flat = [args["conv1_weight"][0], args["conv1_weight"][1][..., 0]]
+    with pytest.raises(ValueError, match=r"layer 2 conv1.weight should have shape \[4, 5, 1, 1, 1\], got \[4, 5, 1, 1\]"):
+        ops.dense_block_forward(**dict(args, conv1_weight=flat))
+    flat = [w[..., 0] for w in args["conv2_weight"]]
+    with pytest.raises(ValueError, match=r"conv weights should be 5-D \(the rank of the block's tensors, \[2, 3, 2, 3, 3\]\), got conv1 \[4, 3, 1, 1, 1\] and conv2 \[2, 4, 3, 3\]"):
+        ops.dense_block_forward(**dict(args, conv2_weight=flat))
+    with pytest.raises(ValueError, match=r"conv weights should be 5-D for a 5-D input, got layer 1's conv1 of shape \[4\]"):
+        ops.dense_block_forward(**dict(args, conv1_weight=[torch.zeros(4, dtype=torch.float64)] * 2))
     with pytest.raises(ValueError, match=r"expected a 3-D, 4-D or 5-D input .*got a 6-D tensor"):
         ops.dense_block_forward(**dict(args, input=args["input"][..., None]))
     wrong = [args["conv2_weight"][0], torch.randn(2, 4, 3, 3, 1, dtype=torch.float64)]
@@ -279,3 +287,43 @@ def test_whole_volume_model_saved_bytes_equal_the_model(mode, recompute, spatial
     _, measured = saved_tensor_bytes(model, x, ignore=[*model.parameters(), *model.buffers()])
     assert measured == model_saved_bytes(model, tuple(x.shape))
     assert model(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("spatial_dims, spatial", [(3, (3, 2, 2)), (3, (2, 4, 3)), (1, (6,))],
+                         ids=["3d-depth-equals-channels", "3d", "1d"])
+def test_synchronised_block_on_one_rank_equals_the_plain_block(one_rank_world, spatial_dims, spatial):
+    """Synchronised BatchNorm takes another path through backward (the fixed-
+    statistics kernel plus an all-reduced correction); on one rank it must
+    give what the plain block gives, for every spatial rank."""
+    plain, _ = make_pair(3, 3, 2, bn_size=2, spatial_dims=spatial_dims)
+    synced, _ = make_pair(3, 3, 2, bn_size=2, spatial_dims=spatial_dims)
+    synced.sync_group = torch.distributed.group.WORLD.group_name
+    x = torch.randn(2, 3, *spatial, dtype=torch.float64)
+    grad = torch.randn(2, 9, *spatial, dtype=torch.float64)
+    assert_results_close(step_results(synced, x, grad), step_results(plain, x, grad), FLOAT64_TOL)
+
+
+def test_float32_statistics_and_gradient_sums_of_a_large_volume():
+    """A 128³ plane per channel: sums kept in float alone lose the variance;
+    ours stay within twice PyTorch's own error against float64."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 128, 128, 128, generator=generator) * 0.1 + 1  # offset: cancellation
+    grad = torch.randn(x.shape, generator=generator)
+    weight, bias = torch.tensor([1.5, 0.7]), torch.tensor([0.1, -0.2])
+    dims = (0, 2, 3, 4)
+    mean, var = ops.channel_stats(x)
+    exact_mean, exact_var = reference.channel_stats(x.double())
+    torch_var, torch_mean = torch.var_mean(x, dim=dims, unbiased=False)
+    assert rel_error(mean, exact_mean) <= 2 * rel_error(torch_mean, exact_mean) + 1e-7
+    assert rel_error(var, exact_var) <= 2 * rel_error(torch_var, exact_var) + 1e-7
+
+    def torch_grads(dtype):
+        w, b = weight.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
+        leaf = x.to(dtype).requires_grad_()
+        torch.relu(torch.nn.functional.batch_norm(leaf, None, None, w, b, training=True)).backward(grad.to(dtype))
+        return leaf.grad, w.grad, b.grad
+
+    exact, theirs = torch_grads(torch.float64), torch_grads(torch.float32)
+    ours = ops.bn_relu_backward(grad, x, mean, var, weight, bias, 1e-5, True)
+    for name, mine, their, truth in zip(("input", "weight", "bias"), ours, theirs, exact):
+        assert rel_error(mine, truth) <= 2 * rel_error(their, truth) + 1e-6, name

@@ -4,9 +4,9 @@
 //
 // Layout: a [N, C, *spatial] tensor whose planes (one sample's and channel's
 // spatial elements) are contiguous (the block buffer, channel slices of it,
-// contiguous scratches). Each plane is one vectorised
-// run; reductions accumulate per plane in the math type (float for
-// half/bfloat16) and across planes in double. Threads split the channels
+// contiguous scratches). Each plane is one vectorised run; reductions
+// accumulate in the math type (float for float/half/bfloat16) over blocks of a
+// plane, and across blocks and planes in double. Threads split the channels
 // (reductions) or the planes (elementwise).
 #include "../per_channel_ops.h"
 
@@ -17,6 +17,7 @@
 #include <c10/util/irange.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace densenet_efficient {
@@ -54,38 +55,61 @@ int64_t grain_for(int64_t plane_size) {
 
 // Per-plane loops, written plainly with `omp simd` (reductions included) so
 // the compiler vectorises them for the target without reassociating anything
-// else. Arithmetic is in math_t (float for half/bfloat16).
-template <typename scalar_t, typename math_t>
-math_t plane_sum(const scalar_t* x, int64_t n) {
-  math_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    sum += static_cast<math_t>(x[i]);
+// else. Arithmetic is in math_t (float for half/bfloat16/float); sums run in
+// math_t over blocks of kSumBlock values and add up the blocks in double: a
+// volume's plane (96³ and more) summed in float alone loses the variance.
+constexpr int64_t kSumBlock = 4096;
+
+template <typename Body>
+void for_each_sum_block(int64_t n, const Body& body) {
+  for (int64_t start = 0; start < n; start += kSumBlock) {
+    body(start, std::min(n, start + kSumBlock));
   }
-  return sum;
+}
+
+template <typename scalar_t, typename math_t>
+double plane_sum(const scalar_t* x, int64_t n) {
+  double total = 0;
+  for_each_sum_block(n, [&](int64_t start, int64_t end) {
+    math_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = start; i < end; ++i) {
+      sum += static_cast<math_t>(x[i]);
+    }
+    total += sum;
+  });
+  return total;
 }
 
 // Copies a plane and returns the sum of what it copied.
 template <typename scalar_t, typename math_t>
-math_t plane_copy_sum(const scalar_t* x, scalar_t* out, int64_t n) {
-  math_t sum = 0;
+double plane_copy_sum(const scalar_t* x, scalar_t* out, int64_t n) {
+  double total = 0;
+  for_each_sum_block(n, [&](int64_t start, int64_t end) {
+    math_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = x[i];
-    sum += static_cast<math_t>(x[i]);
-  }
-  return sum;
+    for (int64_t i = start; i < end; ++i) {
+      out[i] = x[i];
+      sum += static_cast<math_t>(x[i]);
+    }
+    total += sum;
+  });
+  return total;
 }
 
 template <typename scalar_t, typename math_t>
-math_t plane_squared_deviations(const scalar_t* x, int64_t n, math_t mean) {
-  math_t sum = 0;
+double plane_squared_deviations(const scalar_t* x, int64_t n, math_t mean) {
+  double total = 0;
+  for_each_sum_block(n, [&](int64_t start, int64_t end) {
+    math_t sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    const math_t d = static_cast<math_t>(x[i]) - mean;
-    sum += d * d;
-  }
-  return sum;
+    for (int64_t i = start; i < end; ++i) {
+      const math_t d = static_cast<math_t>(x[i]) - mean;
+      sum += d * d;
+    }
+    total += sum;
+  });
+  return total;
 }
 
 // The affine form of BatchNorm (ATen's): y = x·scale + shift with
@@ -141,18 +165,22 @@ void plane_grad_sums(
     math_t scale,
     math_t shift,
     math_t mean,
-    math_t& sum_g,
-    math_t& sum_g_centered) {
-  math_t g_total = 0, gc_total = 0;
+    double& sum_g,
+    double& sum_g_centered) {
+  sum_g = 0;
+  sum_g_centered = 0;
+  for_each_sum_block(n, [&](int64_t start, int64_t end) {
+    math_t g_total = 0, gc_total = 0;
 #pragma omp simd reduction(+ : g_total, gc_total)
-  for (int64_t i = 0; i < n; ++i) {
-    const math_t v = static_cast<math_t>(x[i]);
-    const math_t g = gated<scalar_t>(static_cast<math_t>(grad_out[i]), v, scale, shift);
-    g_total += g;
-    gc_total += g * (v - mean);
-  }
-  sum_g = g_total;
-  sum_g_centered = gc_total;
+    for (int64_t i = start; i < end; ++i) {
+      const math_t v = static_cast<math_t>(x[i]);
+      const math_t g = gated<scalar_t>(static_cast<math_t>(grad_out[i]), v, scale, shift);
+      g_total += g;
+      gc_total += g * (v - mean);
+    }
+    sum_g += g_total;
+    sum_g_centered += gc_total;
+  });
 }
 
 // grad_in (+)= scale * (g - mean_g - (x - mean) * centered_coef)
@@ -285,7 +313,7 @@ struct CpuKernels {
   }
 
   // Backward of s = relu(y), y = γ·x̂ + β, x̂ = (x − μ)·r, per channel, sums
-  // over the M = N·H·W elements of the channel. With g = ds·[y > 0]:
+  // over the M = N·P elements of the channel (P: its plane). With g = ds·[y > 0]:
   //   dβ = Σ g,   dγ = Σ g·x̂ = r·Σ g·(x − μ).
   // Fixed statistics (eval): dx = γ·r·g.
   // Batch statistics μ = Σx/M, r = (Σ(x − μ)²/M + ε)^(-1/2): differentiating
@@ -321,7 +349,7 @@ struct CpuKernels {
                   const Affine<math_t> a(vectors, c, eps);
                   double sum_g = 0, sum_g_centered = 0;
                   for (int64_t n = 0; n < batch; ++n) {
-                    math_t plane_g, plane_g_centered;
+                    double plane_g, plane_g_centered;
                     plane_grad_sums<scalar_t, math_t>(
                         dy.plane(n, c), x.plane(n, c), plane_size, a.scale, a.shift,
                         a.mean, plane_g, plane_g_centered);

@@ -262,7 +262,7 @@ struct BnReluOf {
 
 // ---------------------------------------------------------------------------
 // Backward of s = relu(y), y = γ·x̂ + β, x̂ = (x − μ)·r, per channel, sums over
-// the M = N·H·W values of the channel. With g = ds·[y > 0] (y recomputed
+// the M = N·P values of the channel (P: its plane). With g = ds·[y > 0] (y recomputed
 // from x exactly as the forward does):
 //   dβ = Σ g,   dγ = Σ g·x̂ = r·Σ g·(x − μ).
 // Fixed statistics (eval): dx = γ·r·g.

@@ -5,7 +5,7 @@
 // * for_each_vector: a grid-stride loop over runs (a sample's C planes back to
 //   back where every tensor allows, else one plane) in vectors; a vector may
 //   cross from one channel's plane into the next.
-// * reduce_chunks: per-channel reductions, each channel's N·H·W values split
+// * reduce_chunks: per-channel reductions, each channel's N·P values (P: plane) split
 //   into S chunks, one block per (channel, chunk), partial results written in
 //   a fixed order for a finalize kernel to merge: deterministic, no atomics.
 // Index divisions use ATen's precomputed-reciprocal IntDivider.

@@ -9,9 +9,9 @@ exactly what our DenseBlock returns. The converted layer keeps that
 
 Every MONAI layer converts for naive and checkpoint mode, which run its own
 modules (any norm, activation or dropout); efficient mode takes BatchNorm-ReLU
-layers (the default ``norm="batch"``, ``act="relu"``) whose dropout, if any,
-drops single values: MONAI drops whole channels for spatial_dims 2 and 3
-(Dropout2d/3d), which efficient mode refuses, naming the module."""
+layers (the default ``norm="batch"``, ``act="relu"``) and draws their dropout
+as MONAI does: whole channels for spatial_dims 2 and 3 (Dropout2d/3d), single
+values for 1 (Dropout)."""
 
 from __future__ import annotations
 
