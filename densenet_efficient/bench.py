@@ -8,13 +8,16 @@ for backward and the subprocess's peak RSS), the analytic prediction (CUDA:
 ``estimate_training_step``; CPU: ``model_saved_bytes``, exact), the median
 and spread of the training-step time (forward + backward + SGD, after
 warm-up, synchronized), and ratios to naive. Writes a table, results.json,
-results.md and PNG plots (memory and step time against depth).
+results.md and PNG plots (memory and step time against depth). Without
+``--models``, a 3-D row follows the default models: MONAI's DenseNet121 on
+single-channel volumes (32³ on CPU, 96³ on a GPU), batch 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -37,6 +40,7 @@ CPU_DEFAULT = {
     "batch": [4],
     "steps": 3,
     "warmup": 1,
+    "volume_size": 32,
 }
 CUDA_DEFAULT = {
     "models": ["densenet_bc_100_12", "densenet_bc_250_24", "densenet_bc_190_40", "densenet121", "densenet264"],
@@ -44,7 +48,11 @@ CUDA_DEFAULT = {
     "batch": [64],
     "steps": 20,
     "warmup": 5,
+    "volume_size": 96,
 }
+# The default run's 3-D row (when MONAI is installed): MONAI's DenseNet121 on
+# single-channel volumes of the device's volume_size, batch 2.
+VOLUME_ROW = {"model": "monai:DenseNet121", "spatial_dims": 3, "in_channels": 1, "batch": 2}
 
 
 def _input_of(config: dict) -> tuple[int, int]:
@@ -263,9 +271,12 @@ def plot(rows: list[dict], env: dict, out: Path) -> list[Path]:
     from .memory import estimate_training_step, model_saved_bytes
 
     ok = [r for r in rows if r.get("result") == "ok"]
+    # A sweep over depth (with other rows, such as the 3-D one, left to the table) or, else, every model.
+    by_depth = [r for r in ok if depth_of(r["model"])]
+    sweep = bool(by_depth) and len({re.sub(r"\d+[-_]", "", r["model"], count=1) for r in by_depth}) == 1
+    ok = by_depth if sweep else ok
     if not ok:
         return []
-    sweep = len({re.sub(r"\d+[-_]", "", r["model"], count=1) for r in ok}) == 1 and all(depth_of(r["model"]) for r in ok)
     subtitle = f"{env['device']} · torch {env['torch']} · {env['date_utc'][:10]}"
     paths = []
     for metric, ylabel, name in (("memory", "MiB", "memory_vs_depth.png"), ("step", "ms per step", "step_time_vs_depth.png")):
@@ -373,6 +384,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                 configs.append({"model": name, "mode": mode, "batch": batch, "input_size": size,
                                 "spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
                                 "device": device, "steps": steps, "warmup": warmup})
+    if not args.models:
+        if importlib.util.find_spec("monai") is None:
+            print("no 3-D row: MONAI is not installed (pip install monai)", file=sys.stderr)
+        else:
+            configs += [dict(VOLUME_ROW, mode=mode, input_size=defaults["volume_size"], device=device, steps=steps,
+                             warmup=warmup) for mode in modes]
     progress = Progress(len(configs) + (len(modes) if args.max_batch else 0))
     rows = []
     for config in configs:
