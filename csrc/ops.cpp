@@ -77,6 +77,30 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "Tensor[] grad_norm1_bias, Tensor[] grad_conv1_weight, "
       "Tensor[] grad_norm2_weight, Tensor[] grad_norm2_bias, "
       "Tensor[] grad_conv2_weight)");
+  // The stretches outside the blocks (csrc/norm_relu_pool.cpp): a transition
+  // (BN-ReLU-Conv1x1-AvgPool2) and the stem's BN-ReLU-MaxPool. running_stats:
+  // [] for batch statistics, else [running_mean, running_var]; batch_mean/var
+  // come back empty then.
+  m.def(
+      "transition_forward(Tensor input, Tensor weight, Tensor bias, "
+      "Tensor[] running_stats, float eps, Tensor conv_weight) "
+      "-> (Tensor output, Tensor batch_mean, Tensor batch_var, Tensor count)");
+  m.def(
+      "transition_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor bias, Tensor[] running_stats, float eps, Tensor conv_weight, "
+      "Tensor batch_mean, Tensor batch_var) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_conv_weight)");
+  m.def(
+      "stem_pool_forward(Tensor input, Tensor weight, Tensor bias, "
+      "Tensor[] running_stats, float eps, int[] kernel_size, int[] stride, "
+      "int[] padding) "
+      "-> (Tensor output, Tensor batch_mean, Tensor batch_var, Tensor count)");
+  m.def(
+      "stem_pool_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor bias, Tensor[] running_stats, float eps, int[] kernel_size, "
+      "int[] stride, int[] padding, Tensor batch_mean, Tensor batch_var) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 namespace densenet_efficient::ops {

@@ -169,7 +169,7 @@ _BACKWARD = ops.dense_block_backward.default
 # The block operators' argument and result names, read once (the autograd
 # functions below run every step).
 FORWARD_ARGS, FORWARD_RESULTS = argument_names(_FORWARD), result_names(_FORWARD)
-_BACKWARD_ARGS, _BACKWARD_RESULTS = argument_names(_BACKWARD), result_names(_BACKWARD)
+_BACKWARD_RESULTS = result_names(_BACKWARD)
 # Gradients come back from the backward op as grad_<argument of forward>.
 _GRAD_PREFIX = "grad_"
 
@@ -243,50 +243,110 @@ def _no_grad_like(value):
     return None
 
 
-def _block_setup(ctx, inputs, output):
-    args = dict(zip(FORWARD_ARGS, inputs))
-    results = dict(zip(FORWARD_RESULTS, output))
-    if not args["save_for_backward"]:
-        raise RuntimeError(
-            "dense_block_forward was called with save_for_backward=False while a gradient "
-            "is required; pass save_for_backward=True"
+class _PairedBackward:
+    """Autograd of an operator whose backward is another operator, taking
+    the output's gradient and then, by name, the forward's arguments and
+    results, and returning grad_<argument> for the differentiable ones.
+    Every result but `output` is non-differentiable (statistics, counts,
+    masks, indices)."""
+
+    def __init__(self, forward: torch._ops.OpOverload, backward: torch._ops.OpOverload):
+        self.forward_args, self.forward_results = argument_names(forward), result_names(forward)
+        self.backward_op = backward
+        self.backward_args, self.backward_results = argument_names(backward), result_names(backward)
+
+    def setup(self, ctx, inputs, output):
+        args = dict(zip(self.forward_args, inputs))
+        results = dict(zip(self.forward_results, output))
+        if args.get("save_for_backward") is False:
+            raise RuntimeError(
+                "dense_block_forward was called with save_for_backward=False while a gradient "
+                "is required; pass save_for_backward=True"
+            )
+        # Their gradients are never used: no zero tensors (one per bottleneck!)
+        # should be made for them.
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(
+            *(t for name, value in results.items() if name != "output"
+              for t in (value if isinstance(value, list) else [value]))
         )
-    # Their gradients are never used: no zero tensors (one per bottleneck!)
-    # should be made for them.
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(
-        *(t for name, value in results.items() if name != "output" for t in (value if isinstance(value, list) else [value]))
+        ctx.no_grads = {name: _no_grad_like(value) for name, value in args.items()}
+        # Every argument of the backward op but the incoming gradient, by name,
+        # from forward's arguments or results: tensors saved, the rest kept.
+        ctx.layout, ctx.constants, tensors = [], {}, []
+        for name in self.backward_args[1:]:
+            value = args[name] if name in args else results[name]
+            if isinstance(value, torch.Tensor):
+                ctx.layout.append((name, None))
+                tensors.append(value)
+            elif _is_tensor_list(value):
+                ctx.layout.append((name, len(value)))
+                tensors.extend(value)
+            else:
+                ctx.constants[name] = value
+        ctx.save_for_backward(*tensors)
+
+    def backward(self, ctx, grad_output, *_grads_of_non_differentiable_outputs):
+        if grad_output is None:  # no gradient reached the output (grads are not materialised)
+            return tuple(ctx.no_grads[name] for name in self.forward_args)
+        saved = iter(ctx.saved_tensors)
+        arguments = {
+            name: next(saved) if length is None else [next(saved) for _ in range(length)]
+            for name, length in ctx.layout
+        }
+        results = self.backward_op(grad_output, **arguments, **ctx.constants)
+        grads = dict(zip(self.backward_results, results))
+        return tuple(grads.get(_GRAD_PREFIX + name, ctx.no_grads[name]) for name in self.forward_args)
+
+
+def _register_paired_autograd(forward: str, backward: str) -> None:
+    paired = _PairedBackward(getattr(ops, forward).default, getattr(ops, backward).default)
+    torch.library.register_autograd(_lib + forward, paired.backward, setup_context=paired.setup)
+
+
+_register_paired_autograd("dense_block_forward", "dense_block_backward")
+
+
+# --- transition and stem pool (csrc/norm_relu_pool.cpp) ----------------------
+
+
+def _returned_stats(input: torch.Tensor, running_stats: list) -> tuple[torch.Tensor, torch.Tensor]:
+    channels = 0 if running_stats else input.shape[1]
+    dtype = math_dtype(input.dtype)
+    return input.new_empty((channels,), dtype=dtype), input.new_empty((channels,), dtype=dtype)
+
+
+@torch.library.register_fake(_lib + "transition_forward")
+def _(input, weight, bias, running_stats, eps, conv_weight):
+    _fake_planar("transition_forward", input)
+    batch, _, *spatial = input.shape
+    output = input.new_empty((batch, conv_weight.shape[0], *[size // 2 for size in spatial]))
+    return (output, *_returned_stats(input, running_stats), input.new_empty((), dtype=torch.int64))
+
+
+@torch.library.register_fake(_lib + "transition_backward")
+def _(grad_output, input, weight, bias, running_stats, eps, conv_weight, batch_mean, batch_var):
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(weight),
+        torch.empty_like(bias),
+        torch.empty_like(conv_weight, memory_format=torch.contiguous_format),
     )
-    ctx.no_grads = {name: _no_grad_like(value) for name, value in args.items()}
-    # Every argument of the backward op but the incoming gradient, by name,
-    # from forward's arguments or results: tensors saved, the rest kept.
-    ctx.layout, ctx.constants, tensors = [], {}, []
-    for name in _BACKWARD_ARGS[1:]:
-        value = args[name] if name in args else results[name]
-        if isinstance(value, torch.Tensor):
-            ctx.layout.append((name, None))
-            tensors.append(value)
-        elif _is_tensor_list(value):
-            ctx.layout.append((name, len(value)))
-            tensors.extend(value)
-        else:
-            ctx.constants[name] = value
-    ctx.save_for_backward(*tensors)
 
 
-def _block_backward(ctx, grad_output, *_grads_of_non_differentiable_outputs):
-    if grad_output is None:  # no gradient reached the output (grads are not materialised)
-        return tuple(ctx.no_grads[name] for name in FORWARD_ARGS)
-    saved = iter(ctx.saved_tensors)
-    arguments = {
-        name: next(saved) if length is None else [next(saved) for _ in range(length)]
-        for name, length in ctx.layout
-    }
-    results = ops.dense_block_backward(grad_output=grad_output, **arguments, **ctx.constants)
-    grads = dict(zip(_BACKWARD_RESULTS, results))
-    return tuple(grads.get(_GRAD_PREFIX + name, ctx.no_grads[name]) for name in FORWARD_ARGS)
+@torch.library.register_fake(_lib + "stem_pool_forward")
+def _(input, weight, bias, running_stats, eps, kernel_size, stride, padding):
+    _fake_planar("stem_pool_forward", input)
+    batch, channels, *spatial = input.shape
+    pooled = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(spatial, kernel_size, stride, padding)]
+    output = input.new_empty((batch, channels, *pooled))
+    return (output, *_returned_stats(input, running_stats), input.new_empty((), dtype=torch.int64))
 
 
-torch.library.register_autograd(
-    _lib + "dense_block_forward", _block_backward, setup_context=_block_setup
-)
+@torch.library.register_fake(_lib + "stem_pool_backward")
+def _(grad_output, input, weight, bias, running_stats, eps, kernel_size, stride, padding, batch_mean, batch_var):
+    return torch.empty_like(input, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(bias)
+
+
+_register_paired_autograd("transition_forward", "transition_backward")
+_register_paired_autograd("stem_pool_forward", "stem_pool_backward")

@@ -3,9 +3,12 @@ dense blocks of each library are known to an adapter (``adapters/``)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 from .adapters import ADAPTERS
+from .models import DenseNetFeatures, Transition
 from .modules import DenseBlock, _checked_mode
 
 __all__ = ["convert"]
@@ -51,6 +54,13 @@ def convert(model: nn.Module, mode: str = "efficient", recompute_bottleneck: boo
     working) and ``state_dict`` keys do not change. ``convert(model,
     mode="naive")`` gives back the original computation.
 
+    The transitions (torchvision's and MONAI's ``_Transition``: norm, relu,
+    conv, pool) become our ``Transition`` and a plain ``nn.Sequential`` that
+    holds dense blocks (a ``features``) our ``DenseNetFeatures``, around the
+    same modules and in the same mode: in efficient mode each transition and
+    the stem's norm0-relu0-pool0 then run as one operator keeping only its
+    input.
+
     Everything is checked before anything changes: a block it cannot convert
     (a custom layer, say) raises ValueError naming the module, and the model
     is left untouched; so does a model without any dense block it knows.
@@ -69,10 +79,48 @@ def convert(model: nn.Module, mode: str = "efficient", recompute_bottleneck: boo
     replacements = {
         path: _as_dense_block(block, adapter, mode, recompute_bottleneck) for path, block, adapter in blocks
     }
-    for path, new_block in replacements.items():
-        if not path:
-            return new_block
+    if "" in replacements:
+        return replacements[""]
+    _replace(model, replacements)
+    _replace(model, {path: _as_container(module, Transition, mode) for path, module in _transitions(model)})
+    _replace(model, {path: _as_container(module, DenseNetFeatures, mode) for path, module in _features(model)})
+    return model
+
+
+def _replace(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
+    for path, new in replacements.items():
         parent_path, _, name = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, name, new_block)
-    return model
+        setattr(parent, name, new)
+
+
+_TRANSITION_PARTS = ["norm", "relu", "conv", "pool"]
+
+
+def _transitions(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    classes = tuple(c for adapter in ADAPTERS for c in adapter.transition_classes())
+    return [
+        (path, module) for path, module in model.named_modules()
+        if path and type(module) in classes and [name for name, _ in module.named_children()] == _TRANSITION_PARTS
+    ]
+
+
+def _features(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Plain Sequentials (or ours) that directly hold a dense block."""
+    return [
+        (path, module) for path, module in model.named_modules()
+        if path and type(module) in (nn.Sequential, DenseNetFeatures)
+        and any(isinstance(child, DenseBlock) for child in module.children())
+    ]
+
+
+def _as_container(module: nn.Module, kind: type, mode: str) -> nn.Module:
+    """A `kind` (a Sequential with a mode) holding `module`'s very children."""
+    if type(module) is kind:
+        module.mode = mode
+        return module
+    container = kind.__new__(kind)
+    nn.Sequential.__init__(container, OrderedDict(module.named_children()))
+    container.training = module.training  # its children keep their own train/eval flags
+    container.mode = mode
+    return container

@@ -230,10 +230,31 @@ class _SavedBytes:
             self.total += 2 * x.channels * self.math_itemsize
         return x.new()
 
+    def stage(self, stage: tuple[nn.Module, ...], x: _Tensor) -> _Tensor:
+        """One module, or a fused stem (norm, relu, max pool: one operator)."""
+        if len(stage) == 1:
+            return self.module(stage[0], x)
+        norm, _, pool = stage
+        self.save(x)  # conv0's output and batch statistics
+        self.total += self._fused_stats(norm, x)
+        return x.new(spatial=_window_output(x, pool.kernel_size, pool.stride, pool.padding))
+
+    def _fused_stats(self, norm: nn.Module, x: _Tensor) -> int:
+        """Bytes of the batch mean and variance a fused operator keeps."""
+        return 2 * x.channels * self.math_itemsize if self.training or norm.running_mean is None else 0
+
     def module(self, module: nn.Module, x: _Tensor) -> _Tensor:
-        from .models import Transition
+        from .models import DenseNetFeatures, Transition
         from .modules import DenseBlock
 
+        if isinstance(module, Transition) and module.fused():
+            self.save(x)  # its input, and batch statistics: nothing else
+            self.total += self._fused_stats(module.norm, x)
+            return x.new(module.conv.out_channels, tuple(size // 2 for size in x.spatial))
+        if isinstance(module, DenseNetFeatures):
+            for stage in module.stages():
+                x = self.stage(stage, x)
+            return x
         if isinstance(module, _ConvNd):
             self.save(x)
             spatial = _window_output(x, module.kernel_size, module.stride, module.padding, module.dilation)
@@ -296,6 +317,12 @@ class _SavedBytes:
                 self.total += 2 * channels * plane * self.itemsize + channels * stats
         self.total += num_layers * (per_layer + (dropout_bytes if dropout else 0))
         return out
+
+
+def _stages(features: nn.Module) -> list[tuple[nn.Module, ...]]:
+    from .models import DenseNetFeatures
+
+    return features.stages() if isinstance(features, DenseNetFeatures) else [(child,) for child in features.children()]
 
 
 def _dtype_of(itemsize: int, math_itemsize: int) -> torch.dtype:
@@ -398,6 +425,7 @@ def estimate_training_step(
     in that dtype and the convolution weights' low-precision copies are saved
     too. Convolution workspaces are not included.
     """
+    from .models import Transition
     from .modules import DenseBlock
 
     parameters = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
@@ -407,13 +435,16 @@ def estimate_training_step(
     counter = _SavedBytes(activation_dtype, model.training, device_type)
     x = _input(input_shape)
     timeline = []  # (saved so far, forward transient, backward transient) per component
-    for module in model.features.children():
+    for stage in _stages(model.features):
         x_in = x
-        x = counter.module(module, x)
-        if isinstance(module, DenseBlock):
-            forward, backward = _block_transients(module, x_in, counter.itemsize, counter.math_itemsize)
+        x = counter.stage(stage, x)
+        largest = max(x_in.numel(), x.numel()) * counter.itemsize
+        if isinstance(stage[0], DenseBlock):
+            forward, backward = _block_transients(stage[0], x_in, counter.itemsize, counter.math_itemsize)
+        elif len(stage) == 3 or (isinstance(stage[0], Transition) and stage[0].fused()):
+            # The BatchNorm-ReLU output, made again in backward, with its gradient and the input's.
+            forward, backward = largest + x.numel() * counter.itemsize, 3 * largest
         else:
-            largest = max(x_in.numel(), x.numel()) * counter.itemsize
             forward, backward = largest, 2 * largest
         timeline.append((counter.total, forward, backward))
     counter.save(x)

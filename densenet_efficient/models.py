@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modules import DenseBlock
+from . import fused
+from .fused import stem_fusable, transition_fusable
+from .modules import DenseBlock, _checked_mode
 from .reference import BATCH_NORM, CONV, checked_spatial_dims
 
 __all__ = [
     "BUILDERS",
     "DenseNet",
+    "DenseNetFeatures",
     "Transition",
     "builder",
     "densenet121",
@@ -52,14 +55,85 @@ _GLOBAL_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.ada
 
 class Transition(nn.Sequential):
     """BN-ReLU-Conv1x1 (compression) + 2×2 average pooling (2×2×2 for
-    ``spatial_dims=3``)."""
+    ``spatial_dims=3``): torchvision's and MONAI's ``_Transition``. In
+    ``mode="efficient"`` it runs as one operator that keeps only its input
+    (``densenet_efficient.fused.transition``); otherwise module by module."""
 
-    def __init__(self, num_input_features: int, num_output_features: int, spatial_dims: int = 2) -> None:
+    def __init__(
+        self, num_input_features: int, num_output_features: int, spatial_dims: int = 2, mode: str = "efficient"
+    ) -> None:
         super().__init__()
         self.norm = BATCH_NORM[checked_spatial_dims(spatial_dims)](num_input_features)
         self.relu = nn.ReLU(inplace=True)
         self.conv = CONV[spatial_dims](num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = _AVG_POOL[spatial_dims](kernel_size=2, stride=2)
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._mode = _checked_mode(mode)
+
+    def fused(self) -> bool:
+        """Whether forward runs as one operator: efficient mode, and the
+        layout the operator computes (a SyncBatchNorm, say, runs the modules)."""
+        return self.mode == "efficient" and transition_fusable(self)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return fused.transition(input, self) if self.fused() else super().forward(input)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+class DenseNetFeatures(nn.Sequential):
+    """A DenseNet's feature extractor (``features``: stem, dense blocks,
+    transitions, final norm), run as ``nn.Sequential`` but for the stem: in
+    ``mode="efficient"`` its norm0-relu0-pool0 (BatchNorm, ReLU, max pool) run
+    as one operator that keeps only conv0's output
+    (``densenet_efficient.fused.stem_pool``)."""
+
+    def __init__(self, *args, mode: str = "efficient") -> None:
+        super().__init__(*args)
+        self.mode = mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._mode = _checked_mode(mode)
+
+    def stages(self) -> list[tuple[nn.Module, ...]]:
+        """The children in order, one per stage, but a fused BatchNorm-ReLU-
+        max-pool as one stage of three."""
+        children, stages, i = list(self), [], 0
+        while i < len(children):
+            if self.mode == "efficient" and i + 2 < len(children) and stem_fusable(*children[i : i + 3]):
+                stages.append(tuple(children[i : i + 3]))
+                i += 3
+            else:
+                stages.append((children[i],))
+                i += 1
+        return stages
+
+    def __getitem__(self, index):
+        item = super().__getitem__(index)  # a slice is a DenseNetFeatures too: in this mode
+        if isinstance(item, DenseNetFeatures):
+            item.mode = self.mode
+        return item
+
+    def forward(self, input: Tensor) -> Tensor:
+        for stage in self.stages():
+            input = fused.stem_pool(input, stage[0], stage[2]) if len(stage) == 3 else stage[0](input)
+        return input
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
 
 
 def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
@@ -70,8 +144,10 @@ def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
 
 
 class DenseNet(nn.Module):
-    """DenseNet-BC (Huang et al. 2017) with a switchable dense-block
-    implementation (``mode``: "naive", "checkpoint" or "efficient").
+    """DenseNet-BC (Huang et al. 2017) with a switchable implementation
+    (``mode``: "naive", "checkpoint" or "efficient") of its dense blocks and,
+    in efficient mode, its transitions and stem pooling (each one operator
+    keeping only its input; ``Transition``, ``DenseNetFeatures``).
 
     ``bn_size=0`` builds plain layers (BN-ReLU-Conv3×3, no bottleneck);
     ``compression`` is the transitions' channel factor θ; ``small_inputs``
@@ -113,7 +189,7 @@ class DenseNet(nn.Module):
                 ("relu0", nn.ReLU(inplace=True)),
                 ("pool0", _MAX_POOL[spatial_dims](kernel_size=3, stride=2, padding=1)),
             ]
-        self.features = nn.Sequential(OrderedDict(stem))
+        self.features = DenseNetFeatures(OrderedDict(stem), mode=mode)
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
             block = DenseBlock(
@@ -124,7 +200,9 @@ class DenseNet(nn.Module):
             num_features += num_layers * growth_rate
             if i != len(block_config) - 1:
                 compressed = int(math.floor(num_features * compression))
-                self.features.add_module(f"transition{i + 1}", Transition(num_features, compressed, spatial_dims))
+                self.features.add_module(
+                    f"transition{i + 1}", Transition(num_features, compressed, spatial_dims, mode=mode)
+                )
                 num_features = compressed
         self.features.add_module("norm5", norm(num_features))
         self.classifier = nn.Linear(num_features, num_classes)
@@ -142,15 +220,19 @@ class DenseNet(nn.Module):
     def dense_blocks(self) -> list[DenseBlock]:
         return [m for m in self.features if isinstance(m, DenseBlock)]
 
+    def _switchable(self) -> list[nn.Module]:
+        """Everything with a mode: the features (stem), blocks, transitions."""
+        return [self.features, *(m for m in self.features if isinstance(m, (DenseBlock, Transition)))]
+
     @property
     def mode(self) -> str:
-        modes = {block.mode for block in self.dense_blocks()}
+        modes = {module.mode for module in self._switchable()}
         return modes.pop() if len(modes) == 1 else "mixed"
 
     @mode.setter
     def mode(self, mode: str) -> None:
-        for block in self.dense_blocks():
-            block.mode = mode
+        for module in self._switchable():
+            module.mode = mode
 
     @property
     def recompute_bottleneck(self) -> bool:

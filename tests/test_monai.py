@@ -29,13 +29,15 @@ def _input(spatial_dims, size=16, batch=2):
 
 
 def assert_same_step(ours, expected, tol):
-    """assert_results_close, but a gradient that is zero in exact arithmetic
-    (norm0.bias under a 3-D stem: a shift of its output passes the max-pool,
-    which picks positive values, and the next BatchNorm removes it) is only
-    rounding noise on both sides: such are compared in absolute terms."""
-    vanishing = [n for n, v in expected.items() if n.endswith(".grad") and v.abs().max() <= 1e-14]
+    """assert_results_close, but for the stem's norm0 gradients, which are
+    zero up to BatchNorm's eps in training (relu, max pool and the next
+    batch-statistics BatchNorm undo a shift or scale of norm0's output): they
+    are rounding noise and are compared against the scale of the model's
+    other parameter gradients instead of their own."""
+    vanishing = [n for n in expected if n.startswith("features.norm0.") and n.endswith(".grad")]
+    scale = max(v.norm().item() for n, v in expected.items() if n.endswith(".grad") and n not in vanishing)
     for name in vanishing:
-        assert ours[name].abs().max() <= 1e-14, name
+        assert (ours[name] - expected[name]).norm().item() <= tol * scale, name
     keep = lambda results: {n: v for n, v in results.items() if n not in vanishing}  # noqa: E731
     assert_results_close(keep(ours), keep(expected), tol)
 

@@ -6,7 +6,9 @@ dense blocks: one small module per library. Each has
 * ``check(path, block, mode)``: raises ValueError naming the module when the
   block cannot be converted; changes nothing;
 * ``dense_layers(block, mode)``: the block's layers as our ``DenseLayer``s
-  built around the very same Parameter and buffer objects, in order.
+  built around the very same Parameter and buffer objects, in order;
+* ``transition_classes()``: its transition classes that hold norm, relu,
+  conv and pool (BN-ReLU-Conv1x1-AvgPool), which become our ``Transition``.
 """
 
 from . import monai, timm, torchvision

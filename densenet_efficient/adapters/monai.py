@@ -39,6 +39,14 @@ def block_classes() -> tuple[type, ...]:
     return (classes[0],) if classes else ()
 
 
+def transition_classes() -> tuple[type, ...]:
+    if _monai_classes() is None:
+        return ()
+    from monai.networks.nets.densenet import _Transition
+
+    return (_Transition,)
+
+
 class SequentialDenseLayer(DenseLayer):
     """Our DenseLayer in MONAI's layout: its parts live in ``layers`` (the
     MONAI layer's own Sequential). Like every DenseLayer it returns only its

@@ -31,6 +31,10 @@ def block_classes() -> tuple[type, ...]:
     return (classes[0],) if classes else ()
 
 
+def transition_classes() -> tuple[type, ...]:
+    return ()  # timm's DenseTransition norms are BatchNormAct2d: left as they are
+
+
 def _check_norm(where: str, norm: nn.Module) -> None:
     _, _, batch_norm_act = _timm_classes()
     if type(norm) is not batch_norm_act:

@@ -26,6 +26,16 @@ def block_classes() -> tuple[type, ...]:
     return (DenseBlock, ReferenceDenseBlock) + ((tv[0],) if tv else ())
 
 
+def transition_classes() -> tuple[type, ...]:
+    from ..models import Transition
+
+    try:
+        from torchvision.models.densenet import _Transition
+    except ImportError:
+        return (Transition,)
+    return (Transition, _Transition)
+
+
 def _layer_classes() -> tuple[type, ...]:
     tv = _torchvision_classes()
     return (DenseLayer, ReferenceDenseLayer) + ((tv[1],) if tv else ())

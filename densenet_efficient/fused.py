@@ -1,0 +1,139 @@
+"""The stretches of a DenseNet outside its dense blocks as single operators
+that keep only their input for backward (csrc/norm_relu_pool.cpp):
+
+* ``transition``: BatchNorm-ReLU-Conv1×1-AvgPool2×2, pooled before the
+  convolution (they commute): the BatchNorm-ReLU output and the convolution
+  output are never kept, and the convolution runs at a quarter of the pixels;
+* ``stem_pool``: the stem's BatchNorm-ReLU-MaxPool, keeping conv0's output
+  (the max positions are found again in backward).
+
+Each computes what its modules compute (BatchNorm as ``nn.BatchNorm{1,2,3}d``
+does: batch or running statistics, running statistics updated once per
+training call, autocast), within float rounding. ``transition_fusable`` and
+``stem_fusable`` say whether modules have the one layout these operators
+compute."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ._ops import ops
+from .functional import autocast_dtype
+from .reference import BATCH_NORM, CONV
+
+__all__ = ["stem_fusable", "stem_pool", "transition", "transition_fusable"]
+
+_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+
+def _per_dim(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def _spatial_dims_of_norm(norm: nn.Module) -> int | None:
+    return next((dims for dims, kind in BATCH_NORM.items() if type(norm) is kind and norm.affine), None)
+
+
+def transition_fusable(transition: nn.Module) -> bool:
+    """Whether `transition` holds exactly norm (BatchNorm, affine), relu
+    (ReLU), conv (1×1, stride 1, no bias) and pool (average, 2, stride 2) of
+    one spatial rank."""
+    parts = dict(transition.named_children())
+    if list(parts) != ["norm", "relu", "conv", "pool"]:
+        return False
+    dims = _spatial_dims_of_norm(parts["norm"])
+    conv, pool = parts["conv"], parts["pool"]
+    return (
+        dims is not None
+        and type(parts["relu"]) is nn.ReLU
+        and type(conv) is CONV[dims]
+        and conv.kernel_size == (1,) * dims
+        and conv.stride == (1,) * dims
+        and conv.padding == (0,) * dims
+        and conv.dilation == (1,) * dims
+        and conv.groups == 1
+        and conv.bias is None
+        and type(pool) is _AVG_POOL[dims]
+        and _per_dim(pool.kernel_size, dims) == (2,) * dims
+        and _per_dim(pool.stride, dims) == (2,) * dims
+        and _per_dim(pool.padding, dims) == (0,) * dims
+        and not pool.ceil_mode
+        and getattr(pool, "divisor_override", None) is None
+    )
+
+
+def stem_fusable(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
+    """Whether (norm, relu, pool) are BatchNorm (affine), ReLU and a max pool
+    (dilation 1, no ceil mode) of one spatial rank."""
+    dims = _spatial_dims_of_norm(norm)
+    return (
+        dims is not None
+        and type(relu) is nn.ReLU
+        and type(pool) is _MAX_POOL[dims]
+        and _per_dim(pool.dilation, dims) == (1,) * dims
+        and not pool.ceil_mode
+        and not pool.return_indices
+    )
+
+
+def _uses_batch_stats(norm: nn.Module) -> bool:
+    return norm.training or norm.running_mean is None
+
+
+def _running_stats(norm: nn.Module) -> list[Tensor]:
+    return [] if _uses_batch_stats(norm) else [norm.running_mean, norm.running_var]
+
+
+def _update_running_stats(norm: nn.Module, batch_mean: Tensor, batch_var: Tensor, count: Tensor) -> None:
+    if norm.training and norm.track_running_stats:
+        ops.update_running_stats(
+            [norm.running_mean], [norm.running_var], [norm.num_batches_tracked],
+            [None if norm.momentum is None else float(norm.momentum)], [0], batch_mean, batch_var, count,
+        )
+
+
+def _check_input(what: str, input: Tensor, norm: nn.Module) -> None:
+    dims = _spatial_dims_of_norm(norm)
+    if input.dim() != 2 + dims or input.shape[1] != norm.num_features:
+        raise ValueError(
+            f"{what}: expected a {2 + dims}-D input with {norm.num_features} channels (its "
+            f"{type(norm).__name__}), got shape {tuple(input.shape)}"
+        )
+
+
+def transition(input: Tensor, transition: nn.Module) -> Tensor:
+    """``transition(input)`` (norm, relu, conv, pool; see
+    ``transition_fusable``) as one operator that keeps only ``input``. Under
+    autocast it runs in the autocast dtype (a dense block's output already is
+    in it) with float32 BatchNorm parameters, as the modules would."""
+    norm, conv = transition.norm, transition.conv
+    _check_input("transition", input, norm)
+    compute_dtype = autocast_dtype(input)
+    conv_weight = conv.weight
+    if compute_dtype is not None:
+        input, conv_weight = input.to(compute_dtype), conv_weight.to(compute_dtype)
+    with torch.autocast(input.device.type, enabled=False):
+        output, batch_mean, batch_var, count = ops.transition_forward(
+            input, norm.weight, norm.bias, _running_stats(norm), float(norm.eps), conv_weight
+        )
+    _update_running_stats(norm, batch_mean, batch_var, count)
+    return output
+
+
+def stem_pool(input: Tensor, norm: nn.Module, pool: nn.Module) -> Tensor:
+    """``pool(relu(norm(input)))`` (see ``stem_fusable``) as one operator that
+    keeps only ``input``, in ``input``'s dtype (under
+    autocast conv0's output already has the autocast dtype)."""
+    _check_input("stem", input, norm)
+    dims = input.dim() - 2
+    kernel = _per_dim(pool.kernel_size, dims)
+    stride = _per_dim(pool.stride if pool.stride is not None else pool.kernel_size, dims)
+    with torch.autocast(input.device.type, enabled=False):
+        output, batch_mean, batch_var, count = ops.stem_pool_forward(
+            input, norm.weight, norm.bias, _running_stats(norm), float(norm.eps), kernel, stride,
+            _per_dim(pool.padding, dims),
+        )
+    _update_running_stats(norm, batch_mean, batch_var, count)
+    return output

@@ -1,0 +1,192 @@
+"""The stretches outside the dense blocks as single operators: a transition
+(BN-ReLU-Conv1x1-AvgPool2, pooled before the convolution) and the stem's
+BN-ReLU-MaxPool, against the same modules run one by one (float64), with
+gradcheck, opcheck, bad input, and what they keep for backward."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import assert_results_close, randomize_norms, requires_cuda, step_results
+from densenet_efficient import models
+from densenet_efficient._ops import ops
+from densenet_efficient.fused import stem_fusable, transition_fusable
+from densenet_efficient.memory import saved_tensor_bytes
+from densenet_efficient.reference import BATCH_NORM, CONV
+
+FLOAT64_TOL = 1e-10
+DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
+SPATIAL = [pytest.param((7, 5), id="2d-odd"), pytest.param((4, 6, 5), id="3d"), pytest.param((9,), id="1d"),
+           pytest.param((2, 2), id="2d-one-pooled-pixel")]
+MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+
+def _transition(spatial_dims, channels=6, out=3, seed=0):
+    torch.manual_seed(seed)
+    module = models.Transition(channels, out, spatial_dims, mode="efficient").double()
+    randomize_norms(module, torch.Generator().manual_seed(seed + 1))
+    return module
+
+
+def _stem(spatial_dims, channels=4, seed=0):
+    torch.manual_seed(seed)
+    stem = OrderedDict([
+        ("conv0", CONV[spatial_dims](2, channels, kernel_size=3, stride=2, padding=1, bias=False)),
+        ("norm0", BATCH_NORM[spatial_dims](channels)),
+        ("relu0", nn.ReLU(inplace=True)),
+        ("pool0", MAX_POOL[spatial_dims](kernel_size=3, stride=2, padding=1)),
+    ])
+    features = models.DenseNetFeatures(stem, mode="efficient").double()
+    randomize_norms(features, torch.Generator().manual_seed(seed + 1))
+    return features
+
+
+def _naive(module):
+    twin = copy.deepcopy(module)
+    twin.mode = "naive"
+    return twin
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spatial", SPATIAL)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_transition_matches_its_modules(device, spatial, training):
+    fused = _transition(len(spatial)).train(training).to(device)
+    assert fused.fused()
+    naive = _naive(fused)
+    x = torch.randn(3, 6, *spatial, dtype=torch.float64, device=device)
+    grad = torch.randn(3, 3, *[s // 2 for s in spatial], dtype=torch.float64, device=device)
+    assert_results_close(step_results(fused, x, grad), step_results(naive, x, grad), FLOAT64_TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spatial", [(9, 8), (5, 6, 7), (11,)], ids=["2d", "3d", "1d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_stem_matches_its_modules(device, spatial, training):
+    fused = _stem(len(spatial)).train(training).to(device)
+    assert [len(stage) for stage in fused.stages()] == [1, 3]
+    naive = _naive(fused)
+    assert [len(stage) for stage in naive.stages()] == [1, 1, 1, 1]
+    x = torch.randn(3, 2, *spatial, dtype=torch.float64, device=device)
+    grad = torch.randn_like(copy.deepcopy(naive)(x))  # a copy: its running statistics must not move
+    assert_results_close(step_results(fused, x, grad), step_results(naive, x, grad), FLOAT64_TOL)
+
+
+def test_momentum_none_and_untracked_norms():
+    fused = _transition(2)
+    fused.norm.momentum = None
+    naive = _naive(fused)
+    for _ in range(3):
+        x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+        assert_results_close(step_results(fused, x, torch.ones(2, 3, 2, 2, dtype=torch.float64)),
+                             step_results(naive, x, torch.ones(2, 3, 2, 2, dtype=torch.float64)), FLOAT64_TOL)
+    untracked = _transition(2)
+    untracked.norm = nn.BatchNorm2d(6, track_running_stats=False).double()
+    untracked.eval()  # no running statistics: batch statistics in eval too
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    assert (untracked(x) - _naive(untracked)(x)).abs().max() <= 1e-12
+
+
+def test_layouts_other_than_the_fused_one_run_their_modules():
+    module = _transition(2)
+    module.pool = nn.AvgPool2d(3, stride=2)
+    assert not transition_fusable(module) and not module.fused()
+    module = _transition(2)
+    module.norm = nn.SyncBatchNorm(6).double()
+    assert not module.fused()
+    assert not stem_fusable(nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, ceil_mode=True))
+    assert not stem_fusable(nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.MaxPool2d(3))
+
+
+def test_gradcheck_transition_and_stem():
+    for training in (True, False):
+        transition = _transition(2, channels=3, out=2).train(training)
+        x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+        params = (transition.norm.weight, transition.norm.bias, transition.conv.weight)
+        assert torch.autograd.gradcheck(lambda x, *p: transition(x), (x, *params))
+        stem = _stem(2, channels=3).train(training)
+        norm, pool = stem.norm0, stem.pool0
+        y = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+        from densenet_efficient.fused import stem_pool
+
+        assert torch.autograd.gradcheck(lambda y, w, b: stem_pool(y, norm, pool), (y, norm.weight, norm.bias))
+
+
+def test_opcheck_transition_and_stem_ops():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, generator=generator)
+    weight, bias = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    running = [torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5]
+    conv = torch.randn(2, 4, 1, 1, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, conv)]
+    for stats in ([], running):
+        torch.library.opcheck(ops.transition_forward.default, (*leaves[:3], stats, 1e-5, leaves[3]))
+        output, mean, var, _ = ops.transition_forward(x, weight, bias, stats, 1e-5, conv)
+        torch.library.opcheck(ops.transition_backward.default,
+                              (torch.randn_like(output), x, weight, bias, stats, 1e-5, conv, mean, var))
+        window = ([3, 3], [2, 2], [1, 1])
+        torch.library.opcheck(ops.stem_pool_forward.default, (*leaves[:3], stats, 1e-5, *window))
+        output, mean, var, _ = ops.stem_pool_forward(x, weight, bias, stats, 1e-5, *window)
+        torch.library.opcheck(ops.stem_pool_backward.default,
+                              (torch.randn_like(output), x, weight, bias, stats, 1e-5, *window, mean, var))
+
+
+def test_bad_input_is_refused_before_running_statistics_change():
+    module = _transition(2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=r"transition: expected a 4-D input with 6 channels \(its BatchNorm2d\), got shape \(2, 5, 4, 4\)"):
+        module(torch.randn(2, 5, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training"):
+        module(torch.randn(1, 6, 1, 1, dtype=torch.float64))
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    with pytest.raises(ValueError, match=r"expected a 1×1 conv weight of shape \[out, 4, 1, \.\.\.\]"):
+        ops.transition_forward(torch.randn(2, 4, 4, 4), torch.ones(4), torch.zeros(4), [], 1e-5,
+                               torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"expected kernel_size with one value per spatial dimension \(2\), got \[3\]"):
+        ops.stem_pool_forward(torch.randn(2, 4, 4, 4), torch.ones(4), torch.zeros(4), [], 1e-5, [3], [2], [1])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_stages_keep_only_their_input_and_statistics(training):
+    """A transition keeps its input (a block's output, kept anyway) and two
+    per-channel vectors; the stem keeps conv0's output and two vectors."""
+    transition = _transition(2, channels=8, out=4).float().train(training)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    _, saved = saved_tensor_bytes(transition, x, ignore=[*transition.parameters(), *transition.buffers()])
+    assert saved == x.numel() * 4 + (2 * 8 * 4 if training else 0)
+    stem = _stem(2, channels=4).float().train(training)
+    image = torch.randn(2, 2, 12, 12)
+    _, saved = saved_tensor_bytes(stem, image, ignore=[*stem.parameters(), *stem.buffers()])
+    conv0_out = 2 * 4 * 6 * 6
+    assert saved == image.numel() * 4 + conv0_out * 4 + (2 * 4 * 4 if training else 0)
+
+
+def test_converted_torchvision_densenet_fuses_its_transitions_and_stem():
+    torchvision = pytest.importorskip("torchvision")
+    import densenet_efficient as de
+    from densenet_efficient.memory import model_saved_bytes
+
+    torch.manual_seed(0)
+    original = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 3, 2), num_init_features=8,
+                                           num_classes=5).double()
+    randomize_norms(original, torch.Generator().manual_seed(1))
+    keys = list(original.state_dict())
+    converted = de.convert(copy.deepcopy(original))
+    assert list(converted.state_dict()) == keys
+    features = converted.features
+    assert isinstance(features, models.DenseNetFeatures) and [len(s) for s in features.stages()][:2] == [1, 3]
+    assert all(m.fused() for m in features if isinstance(m, models.Transition)) and features.transition2.fused()
+    x, grad = torch.randn(3, 3, 40, 40, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    for training in (True, False):
+        original.train(training)
+        converted.train(training)
+        assert_results_close(step_results(converted, x, grad), step_results(original, x, grad), FLOAT64_TOL)
+        twin = copy.deepcopy(converted)  # its forward moves running statistics
+        _, saved = saved_tensor_bytes(twin, x, ignore=[*twin.parameters(), *twin.buffers()])
+        assert saved == model_saved_bytes(twin, tuple(x.shape), dtype=torch.float64)
+    de.convert(converted, mode="naive")
+    assert not any(m.fused() for m in converted.features if isinstance(m, models.Transition))
+    assert [len(s) for s in converted.features.stages()][:4] == [1, 1, 1, 1]
