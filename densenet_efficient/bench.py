@@ -1,16 +1,22 @@
 """``python -m densenet_efficient bench``: memory and speed of naive vs
-checkpoint vs efficient (± recompute_bottleneck) vs torch.compile(naive).
+checkpoint vs efficient (± recompute_bottleneck) vs torch.compile (of the
+naive or the efficient model, optionally with a low activation memory
+budget).
 
-Every configuration runs in a fresh subprocess (so its peak RSS is its own,
-and running out of memory costs only that configuration). Per configuration:
-memory (CUDA: ``max_memory_allocated`` over the timed steps; CPU: bytes saved
-for backward and the subprocess's peak RSS), the analytic prediction (CUDA:
+Every configuration runs in a fresh subprocess (so its peak memory is its
+own, and running out of memory costs only that configuration). Per
+configuration: memory (CUDA: ``max_memory_allocated`` over the timed steps;
+CPU: bytes saved for backward, eager models only), the step peak (what a
+step allocates above what stays resident between steps: CUDA from the
+allocator's statistics, CPU from the resident-set high-water mark, reset
+before the timed steps), the analytic prediction (CUDA:
 ``estimate_training_step``; CPU: ``model_saved_bytes``, exact), the median
 and spread of the training-step time (forward + backward + SGD, after
-warm-up, synchronized), and ratios to naive. Writes a table, results.json,
-results.md and PNG plots (memory and step time against depth). Without
-``--models``, a 3-D row follows the default models: MONAI's DenseNet121 on
-single-channel volumes (32³ on CPU, 96³ on a GPU), batch 2.
+warm-up, synchronized; p10-p90 from 10 steps on, else min-max), and ratios
+to naive. Writes a table, results.json, results.md and PNG plots (memory and
+step time against depth). Without ``--models``, rows follow the default
+models: on CPU the whole densenet121 at 128×128, batch 8; and MONAI's
+DenseNet121 on single-channel volumes (32³ on CPU, 96³ on a GPU), batch 2.
 """
 
 from __future__ import annotations
@@ -26,33 +32,52 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-MODES = {  # name: (block mode, recompute_bottleneck, torch.compile)
-    "naive": ("naive", False, False),
-    "checkpoint": ("checkpoint", False, False),
-    "efficient": ("efficient", False, False),
-    "efficient+recompute": ("efficient", True, False),
-    "compiled-naive": ("naive", False, True),
+class Variant(NamedTuple):
+    """How a configuration runs the model."""
+
+    mode: str  # of the blocks, transitions and stem
+    recompute: bool = False  # recompute_bottleneck
+    compiled: bool = False  # torch.compile
+    memory_budget: float | None = None  # torch._functorch.config.activation_memory_budget
+
+
+MODES = {
+    "naive": Variant("naive"),
+    "checkpoint": Variant("checkpoint"),
+    "efficient": Variant("efficient"),
+    "efficient+recompute": Variant("efficient", recompute=True),
+    "compiled-naive": Variant("naive", compiled=True),
+    # The partitioner then recomputes cat, BatchNorm and ReLU everywhere: the strongest peer.
+    "compiled-naive-lowmem": Variant("naive", compiled=True, memory_budget=0.05),
+    "compiled-efficient": Variant("efficient", compiled=True),
+    "compiled-efficient-lowmem": Variant("efficient", compiled=True, memory_budget=0.05),
 }
+# Rows after the default models: the whole ImageNet model at a CPU's size,
+# and a 3-D model (MONAI's DenseNet121 on single-channel volumes, when MONAI
+# is installed).
+WHOLE_MODEL_ROW = {"model": "densenet121", "input_size": 128, "batch": 8,
+                   "modes": ["naive", "checkpoint", "compiled-naive-lowmem", "efficient", "efficient+recompute"]}
+VOLUME_ROW = {"model": "monai:DenseNet121", "spatial_dims": 3, "in_channels": 1, "batch": 2, "needs": "monai"}
 CPU_DEFAULT = {
     "models": [f"densenet_bc-{depth}-12" for depth in (40, 100, 160, 250)],
     "modes": ["naive", "checkpoint", "efficient", "efficient+recompute"],
     "batch": [4],
     "steps": 3,
     "warmup": 1,
-    "volume_size": 32,
+    "extra": [WHOLE_MODEL_ROW, dict(VOLUME_ROW, input_size=32)],
 }
 CUDA_DEFAULT = {
     "models": ["densenet_bc_100_12", "densenet_bc_250_24", "densenet_bc_190_40", "densenet121", "densenet264"],
-    "modes": list(MODES),
+    "modes": ["naive", "checkpoint", "efficient", "efficient+recompute", "compiled-naive", "compiled-naive-lowmem"],
     "batch": [64],
     "steps": 20,
     "warmup": 5,
-    "volume_size": 96,
+    "extra": [dict(VOLUME_ROW, input_size=96)],
 }
-# The default run's 3-D row (when MONAI is installed): MONAI's DenseNet121 on
-# single-channel volumes of the device's volume_size, batch 2.
-VOLUME_ROW = {"model": "monai:DenseNet121", "spatial_dims": 3, "in_channels": 1, "batch": 2}
+# Fewer timed steps than this and a spread is min-max, not p10-p90.
+PERCENTILE_STEPS = 10
 
 
 def _input_of(config: dict) -> tuple[int, int]:
@@ -82,8 +107,24 @@ def depth_of(model: str) -> int | None:
 # --- one configuration, in a worker subprocess -------------------------------
 
 
+def _process_memory(field: str) -> int:
+    """A line of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    """Sets this process's resident-set high-water mark (VmHWM) back to its
+    current resident set (Linux: proc(5), /proc/pid/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+
+
 def measure(config: dict) -> dict:
-    import resource
+    import gc
 
     import torch
 
@@ -92,15 +133,18 @@ def measure(config: dict) -> dict:
 
     device = torch.device(config["device"])
     cuda = device.type == "cuda"
-    mode, recompute, compiled = MODES[config["mode"]]
+    variant = MODES[config["mode"]]
     shape = input_shape(config)
     torch.manual_seed(0)
     in_channels, spatial_dims = _input_of(config)
     model = models.builder(config["model"])(
-        mode=mode, recompute_bottleneck=recompute, spatial_dims=spatial_dims, in_channels=in_channels,
+        mode=variant.mode, recompute_bottleneck=variant.recompute, spatial_dims=spatial_dims,
+        in_channels=in_channels,
     ).to(device)
     prediction = estimate_training_step(model, shape).total if cuda else model_saved_bytes(model, shape)
-    runnable = torch.compile(model) if compiled else model
+    if variant.memory_budget is not None:
+        torch._functorch.config.activation_memory_budget = variant.memory_budget
+    runnable = torch.compile(model) if variant.compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     x = torch.randn(*shape, device=device)
     batch = shape[0]
@@ -122,12 +166,19 @@ def measure(config: dict) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
 
+    # Saved-tensor hooks see what eager autograd keeps, not what a compiled graph keeps.
+    count_saved = not cuda and not variant.compiled
     try:
-        for warmup in range(max(config["warmup"], 0 if cuda else 1)):
-            step(count_saved=not cuda and warmup == 0)  # CPU: the first step also counts saved bytes
+        for warmup in range(max(config["warmup"], 1 if count_saved else 0)):
+            step(count_saved=count_saved and warmup == 0)
         synchronize()
+        gc.collect()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
+        else:
+            _reset_peak_rss()
+            resident = _process_memory("VmRSS")
         times = []
         for _ in range(config["steps"]):
             start = time.perf_counter()
@@ -136,28 +187,35 @@ def measure(config: dict) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
     except torch.cuda.OutOfMemoryError:
         return {"result": "OOM"}
+    ordered = sorted(times)
+    percentiles = len(times) >= PERCENTILE_STEPS
     result = {
         "result": "ok",
         "step_ms": statistics.median(times),
-        "step_ms_p10": sorted(times)[len(times) // 10],
-        "step_ms_p90": sorted(times)[-1 - len(times) // 10],
+        "step_ms_low": ordered[len(times) // 10] if percentiles else ordered[0],
+        "step_ms_high": ordered[-1 - len(times) // 10] if percentiles else ordered[-1],
+        "step_ms_spread": "p10-p90" if percentiles else "min-max",
         "step_ms_all": times,
-        "predicted_bytes": None if compiled else prediction,
+        "predicted_bytes": None if variant.compiled else prediction,
     }
     if cuda:
         result["memory_bytes"] = torch.cuda.max_memory_allocated(device)
         result["memory_kind"] = "peak allocated (CUDA)"
+        result["step_peak_bytes"] = result["memory_bytes"] - resident
     else:
-        result["memory_bytes"] = saved[0]
+        result["memory_bytes"] = saved[0] if saved else None
         result["memory_kind"] = "saved for backward (CPU)"
-        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["step_peak_bytes"] = _process_memory("VmHWM") - resident
     return result
 
 
 def run_in_subprocess(config: dict, timeout: float) -> dict:
     command = [sys.executable, "-m", "densenet_efficient", "bench", "--worker", json.dumps(config)]
+    # glibc then hands every large block back to the system when it is freed, so
+    # the resident set follows the live tensors and its peak measures a step.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"result": f"timeout after {timeout:.0f} s"}
     for line in done.stdout.splitlines():
@@ -233,24 +291,37 @@ def environment(device: str) -> dict:
 def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         naive = next((r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
-                      and r["mode"] == "naive" and r.get("result") == "ok"), None)
+                      and input_label(r) == input_label(row) and r["mode"] == "naive" and r.get("result") == "ok"),
+                     None)
         if naive and row.get("result") == "ok":
-            row["memory_vs_naive"] = row["memory_bytes"] / naive["memory_bytes"]
-            row["step_vs_naive"] = row["step_ms"] / naive["step_ms"]
+            for key, ratio in (("memory_bytes", "memory_vs_naive"), ("step_peak_bytes", "step_peak_vs_naive"),
+                               ("step_ms", "step_vs_naive")):
+                if row.get(key) is not None and naive.get(key):
+                    row[ratio] = row[key] / naive[key]
+
+
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+def _ratio(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:
-    columns = ["model", "input", "batch", "mode", "memory MiB", "predicted MiB", "vs naive", "step ms (p10-p90)", "vs naive"]
+    kind = next((r["memory_kind"] for r in rows if r.get("memory_kind")), "memory")
+    columns = ["model", "input", "batch", "mode", f"{kind} MiB", "predicted MiB", "vs naive",
+               "step peak MiB", "vs naive", "step ms (spread)", "vs naive"]
     lines = []
     for r in rows:
         if r.get("result") != "ok":
-            cells = [r["model"], input_label(r), str(r["batch"]), r["mode"], r.get("result", "?"), "", "", "", ""]
+            cells = [r["model"], input_label(r), str(r["batch"]), r["mode"], r.get("result", "?")] + [""] * 6
         else:
-            predicted = "" if r.get("predicted_bytes") is None else f"{r['predicted_bytes'] / 2**20:.1f}"
-            cells = [r["model"], input_label(r), str(r["batch"]), r["mode"], f"{r['memory_bytes'] / 2**20:.1f}", predicted,
-                     f"{r.get('memory_vs_naive', float('nan')):.3f}",
-                     f"{r['step_ms']:.1f} ({r['step_ms_p10']:.1f}-{r['step_ms_p90']:.1f})",
-                     f"{r.get('step_vs_naive', float('nan')):.2f}"]
+            cells = [r["model"], input_label(r), str(r["batch"]), r["mode"], _mib(r.get("memory_bytes")),
+                     _mib(r.get("predicted_bytes")), _ratio(r.get("memory_vs_naive"), 3),
+                     _mib(r.get("step_peak_bytes")), _ratio(r.get("step_peak_vs_naive"), 3),
+                     f"{r['step_ms']:.1f} ({r['step_ms_low']:.1f}-{r['step_ms_high']:.1f} {r['step_ms_spread']})",
+                     _ratio(r.get("step_vs_naive"), 2)]
         lines.append(cells)
     if markdown:
         out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -285,7 +356,10 @@ def plot(rows: list[dict], env: dict, out: Path) -> list[Path]:
             points = [r for r in ok if r["mode"] == mode]
             xs = [depth_of(r["model"]) if sweep else r["model"] for r in points]
             if metric == "memory":
-                line, = ax.plot(xs, [r["memory_bytes"] / 2**20 for r in points], "o", label=f"{mode} (measured)")
+                measured = [(x_, r["memory_bytes"] / 2**20) for x_, r in zip(xs, points) if r.get("memory_bytes")]
+                if not measured:  # compiled rows on CPU: no saved-bytes figure
+                    continue
+                line, = ax.plot(*zip(*measured), "o", label=f"{mode} (measured)")
                 if sweep and points[0].get("predicted_bytes") is not None:
                     template = points[0]["model"]
                     family = re.sub(r"-\d+-", "-{}-", template)
@@ -305,7 +379,7 @@ def plot(rows: list[dict], env: dict, out: Path) -> list[Path]:
                     ax.plot(depths, predicted, "-", color=line.get_color(), alpha=0.6, label=f"{mode} (model)")
             else:
                 ax.errorbar(xs, [r["step_ms"] for r in points],
-                            yerr=[[r["step_ms"] - r["step_ms_p10"] for r in points], [r["step_ms_p90"] - r["step_ms"] for r in points]],
+                            yerr=[[r["step_ms"] - r["step_ms_low"] for r in points], [r["step_ms_high"] - r["step_ms"] for r in points]],
                             marker="o", capsize=3, label=mode)
         kind = ok[0]["memory_kind"]
         ax.set_title(("Memory: " + kind if metric == "memory" else "Training-step time") + f"\n{subtitle}", fontsize=10)
@@ -384,12 +458,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                 configs.append({"model": name, "mode": mode, "batch": batch, "input_size": size,
                                 "spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
                                 "device": device, "steps": steps, "warmup": warmup})
-    if not args.models:
-        if importlib.util.find_spec("monai") is None:
-            print("no 3-D row: MONAI is not installed (pip install monai)", file=sys.stderr)
-        else:
-            configs += [dict(VOLUME_ROW, mode=mode, input_size=defaults["volume_size"], device=device, steps=steps,
-                             warmup=warmup) for mode in modes]
+    for extra in defaults["extra"] if not args.models else []:
+        if extra.get("needs") and importlib.util.find_spec(extra["needs"]) is None:
+            print(f"no {extra['model']} row: {extra['needs']} is not installed", file=sys.stderr)
+            continue
+        row = {k: v for k, v in extra.items() if k not in ("modes", "needs")}
+        configs += [dict(row, mode=mode, device=device, steps=steps, warmup=warmup)
+                    for mode in (extra.get("modes", modes) if not args.modes else modes)]
     progress = Progress(len(configs) + (len(modes) if args.max_batch else 0))
     rows = []
     for config in configs:

@@ -29,12 +29,27 @@ def test_bench_smoke_writes_table_json_markdown_and_plots(tmp_path):
     rows = report["rows"]
     assert len(rows) == 6 and all(r["result"] == "ok" for r in rows)
     for r in rows:  # on CPU the prediction is exact
-        assert r["memory_bytes"] == r["predicted_bytes"] and r["peak_rss_bytes"] > 0 and len(r["step_ms_all"]) == 2
+        assert r["memory_bytes"] == r["predicted_bytes"] and r["step_peak_bytes"] >= 0 and len(r["step_ms_all"]) == 2
+        assert r["step_ms_spread"] == "min-max"  # 2 steps: no percentiles
     naive, efficient = (next(r for r in rows if r["model"] == "densenet_bc-16-4" and r["mode"] == m) for m in ("naive", "efficient"))
     assert efficient["memory_vs_naive"] < 1 and naive["memory_vs_naive"] == 1
     assert "| densenet_bc-10-4 | 3×32² | 2 | naive |" in (out / "results.md").read_text()
     for name in ("memory_vs_depth.png", "step_time_vs_depth.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_peak_is_the_resident_high_water_mark_since_its_reset():
+    """The CPU step peak: 64 MiB allocated and freed after the reset shows."""
+    from densenet_efficient.bench import _process_memory, _reset_peak_rss
+
+    transient = torch.empty(64 * 2**20, dtype=torch.uint8)
+    del transient
+    _reset_peak_rss()
+    before = _process_memory("VmRSS")
+    assert _process_memory("VmHWM") - before < 16 * 2**20  # the earlier peak is gone
+    transient = torch.ones(64 * 2**20, dtype=torch.uint8)
+    del transient
+    assert _process_memory("VmHWM") - before >= 63 * 2**20
 
 
 def test_bench_records_a_failed_configuration_and_goes_on():
