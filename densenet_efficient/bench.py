@@ -143,6 +143,8 @@ def measure(config: dict) -> dict:
     ).to(device)
     prediction = estimate_training_step(model, shape).total if cuda else model_saved_bytes(model, shape)
     if variant.memory_budget is not None:
+        import torch._functorch.config
+
         torch._functorch.config.activation_memory_budget = variant.memory_budget
     runnable = torch.compile(model) if variant.compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
