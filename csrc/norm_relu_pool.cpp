@@ -244,14 +244,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
   check_norm_args(op, input, weight, bias, running_stats, eps);
   check_transition_conv(op, input, conv_weight);
   const auto stats = saved_stats(op, input, running_stats, batch_mean, batch_var);
-  const auto normalized = bn_relu(input, stats, weight, bias, eps);
-  const auto pooled = avg_pool(normalized);
+  // The full-resolution BN-ReLU output lives only until it is pooled: the
+  // pooling's backward needs just its shape, which is the input's.
+  const auto pooled = avg_pool(bn_relu(input, stats, weight, bias, eps));
   TORCH_CHECK_VALUE(
       grad_output.dim() == input.dim() && grad_output.size(0) == input.size(0) &&
           grad_output.size(1) == conv_weight.size(0) && grad_output.sizes().slice(2) == pooled.sizes().slice(2),
       op, ": grad_output has shape ", grad_output.sizes(), ", expected that of the output");
   auto [grad_pooled, grad_conv_weight] = conv_backward(grad_output, pooled, conv_weight, 0);
-  const auto grad_normalized = avg_pool_backward(grad_pooled, normalized);
+  const auto grad_normalized = avg_pool_backward(grad_pooled, input.contiguous());
   auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
       grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
   return {grad_input, grad_weight, grad_bias, grad_conv_weight};
@@ -293,12 +294,15 @@ std::tuple<Tensor, Tensor, Tensor> stem_pool_backward(
   check_norm_args(op, input, weight, bias, running_stats, eps);
   const auto window = checked_window(op, input, kernel_size, stride, padding);
   const auto stats = saved_stats(op, input, running_stats, batch_mean, batch_var);
-  const auto normalized = bn_relu(input, stats, weight, bias, eps);
-  const auto [output, indices] = max_pool(normalized, window);  // bit-identical to forward's
+  // Forward's max positions, found again in the recomputed BN-ReLU output
+  // (bit-identical to forward's), which then goes: the pooling's backward
+  // needs just its shape, which is the input's.
+  const auto [output, indices] = max_pool(bn_relu(input, stats, weight, bias, eps), window);
   TORCH_CHECK_VALUE(
       grad_output.sizes() == output.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
       ", expected the output's ", output.sizes());
-  const auto grad_normalized = max_pool_backward(grad_output, normalized, window, indices);
+  // (contiguous like the pooled tensor, so the indices' layout is the one expected)
+  const auto grad_normalized = max_pool_backward(grad_output, input.contiguous(), window, indices);
   return ops::bn_relu_backward(
       grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
 }

@@ -442,8 +442,8 @@ def estimate_training_step(
         if isinstance(stage[0], DenseBlock):
             forward, backward = _block_transients(stage[0], x_in, counter.itemsize, counter.math_itemsize)
         elif len(stage) == 3 or (isinstance(stage[0], Transition) and stage[0].fused()):
-            # The BatchNorm-ReLU output, made again in backward, with its gradient and the input's.
-            forward, backward = largest + x.numel() * counter.itemsize, 3 * largest
+            # Forward: the BatchNorm-ReLU output beside the pooled one; backward: its gradient and the input's.
+            forward, backward = largest + x.numel() * counter.itemsize, 2 * largest + x.numel() * counter.itemsize
         else:
             forward, backward = largest, 2 * largest
         timeline.append((counter.total, forward, backward))
