@@ -1,12 +1,11 @@
-// The BatchNorm-ReLU-pooling stretches of a DenseNet outside its dense
-// blocks, each one operator that keeps only its input (and the max-pool
-// indices) for backward and recomputes the BatchNorm-ReLU output there:
+// The stretches of a DenseNet outside its dense blocks, each one operator
+// that keeps only its input for backward and recomputes the rest there:
 // * transition: BN-ReLU-Conv1×1-AvgPool2×2. Average pooling and a 1×1
 //   convolution are both linear and commute, so it pools first: 4× fewer
 //   convolution FLOPs (8× in 3-D) and no full-resolution convolution output.
-// * stem pool: BN-ReLU-MaxPool (norm0, relu0, pool0 after conv0). Backward
-//   pools the recomputed BN-ReLU output again for the max positions: cheaper
-//   than keeping int64 indices (twice the pooled output's bytes in float32).
+// * stem: conv0-BN-ReLU-MaxPool, keeping only the image. Backward convolves
+//   and normalises again and pools for the max positions: cheaper than
+//   keeping conv0's output and int64 indices.
 // Batch statistics (in training, or without running statistics) come back
 // with the count of values per channel, for update_running_stats.
 #include "dense_block.h"
@@ -258,10 +257,46 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
   return {grad_input, grad_weight, grad_bias, grad_conv_weight};
 }
 
-// --- stem pool --------------------------------------------------------------
+// --- stem ---------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> stem_pool_forward(
-    const Tensor& input,
+struct StemConv {
+  std::vector<int64_t> stride, padding, dilation, output_padding;
+};
+
+StemConv checked_stem_conv(
+    const char* op,
+    const Tensor& image,
+    const Tensor& conv_weight,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding) {
+  const auto dims = image.dim() - 2;
+  TORCH_CHECK_VALUE(
+      dims >= kMinSpatialDims && dims <= kMaxSpatialDims, op, ": expected a 3-D, 4-D or 5-D input, got ",
+      image.sizes());
+  TORCH_CHECK_VALUE(
+      conv_weight.dim() == image.dim() && conv_weight.size(1) == image.size(1), op,
+      ": expected a conv0 weight [out, ", image.size(1), ", *kernel] of ", image.dim(), " dimensions, got ",
+      conv_weight.sizes());
+  TORCH_CHECK_VALUE(
+      static_cast<int64_t>(stride.size()) == dims && static_cast<int64_t>(padding.size()) == dims, op,
+      ": expected conv0's stride and padding with one value per spatial dimension (", dims, "), got ",
+      stride, " and ", padding);
+  const std::vector<int64_t> one(static_cast<size_t>(dims), 1), zero(static_cast<size_t>(dims), 0);
+  return {stride.vec(), padding.vec(), one, zero};
+}
+
+Tensor stem_conv(const Tensor& image, const Tensor& weight, const StemConv& c) {
+  return at::convolution(image, weight, std::nullopt, c.stride, c.padding, c.dilation, false, c.output_padding, 1);
+}
+
+// conv0 → norm0 → relu0 → pool0 in one operator that keeps only the image:
+// conv0's output (the largest activation of an ImageNet DenseNet) is
+// computed again in backward, at the cost of one conv0.
+std::tuple<Tensor, Tensor, Tensor, Tensor> stem_forward(
+    const Tensor& image,
+    const Tensor& conv_weight,
+    at::IntArrayRef conv_stride,
+    at::IntArrayRef conv_padding,
     const Tensor& weight,
     const Tensor& bias,
     at::TensorList running_stats,
@@ -269,7 +304,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_pool_forward(
     at::IntArrayRef kernel_size,
     at::IntArrayRef stride,
     at::IntArrayRef padding) {
-  constexpr const char* op = "stem_pool_forward";
+  constexpr const char* op = "stem_forward";
+  const auto conv = checked_stem_conv(op, image, conv_weight, conv_stride, conv_padding);
+  const auto input = stem_conv(image, conv_weight, conv);
   check_norm_args(op, input, weight, bias, running_stats, eps);
   const auto window = checked_window(op, input, kernel_size, stride, padding);
   const auto stats = batch_or_running_stats(input, running_stats);
@@ -278,9 +315,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_pool_forward(
   return {output, mean, var, values_per_channel_tensor(input)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> stem_pool_backward(
+// x = conv0(image) and z = relu(bn(x)) again; z's max positions (bit-identical
+// to forward's) route the output gradient back; then BN-ReLU's backward and
+// conv0's (the image's gradient only when asked for).
+std::tuple<Tensor, Tensor, Tensor, Tensor> stem_backward(
     const Tensor& grad_output,
-    const Tensor& input,
+    const Tensor& image,
+    const Tensor& conv_weight,
+    at::IntArrayRef conv_stride,
+    at::IntArrayRef conv_padding,
     const Tensor& weight,
     const Tensor& bias,
     at::TensorList running_stats,
@@ -289,22 +332,30 @@ std::tuple<Tensor, Tensor, Tensor> stem_pool_backward(
     at::IntArrayRef stride,
     at::IntArrayRef padding,
     const Tensor& batch_mean,
-    const Tensor& batch_var) {
-  constexpr const char* op = "stem_pool_backward";
+    const Tensor& batch_var,
+    bool image_grad) {
+  constexpr const char* op = "stem_backward";
+  const auto conv = checked_stem_conv(op, image, conv_weight, conv_stride, conv_padding);
+  const auto input = stem_conv(image, conv_weight, conv).contiguous();
   check_norm_args(op, input, weight, bias, running_stats, eps);
   const auto window = checked_window(op, input, kernel_size, stride, padding);
   const auto stats = saved_stats(op, input, running_stats, batch_mean, batch_var);
-  // Forward's max positions, found again in the recomputed BN-ReLU output
-  // (bit-identical to forward's), which then goes: the pooling's backward
-  // needs just its shape, which is the input's.
+  // The BN-ReLU output lives only until pooled: the pooling's backward needs
+  // just its shape, which is the (contiguous) input's.
   const auto [output, indices] = max_pool(bn_relu(input, stats, weight, bias, eps), window);
   TORCH_CHECK_VALUE(
       grad_output.sizes() == output.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
       ", expected the output's ", output.sizes());
-  // (contiguous like the pooled tensor, so the indices' layout is the one expected)
-  const auto grad_normalized = max_pool_backward(grad_output, input.contiguous(), window, indices);
-  return ops::bn_relu_backward(
-      grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
+  auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
+      max_pool_backward(grad_output, input, window, indices), input, stats.mean, stats.var, weight, bias, eps,
+      stats.batch_stats);
+  auto [grad_image, grad_conv_weight, unused_grad_bias] = at::convolution_backward(
+      grad_input, image, conv_weight, std::nullopt, conv.stride, conv.padding, conv.dilation, false,
+      conv.output_padding, 1, {image_grad, true, false});
+  if (!grad_image.defined()) {  // not asked for: an empty tensor (a schema's Tensor is never undefined)
+    grad_image = at::empty({0}, image.options());
+  }
+  return {grad_image, grad_conv_weight, grad_weight, grad_bias};
 }
 
 } // namespace
@@ -312,8 +363,8 @@ std::tuple<Tensor, Tensor, Tensor> stem_pool_backward(
 TORCH_LIBRARY_IMPL(densenet_efficient, CompositeExplicitAutograd, m) {
   m.impl("transition_forward", &transition_forward);
   m.impl("transition_backward", &transition_backward);
-  m.impl("stem_pool_forward", &stem_pool_forward);
-  m.impl("stem_pool_backward", &stem_pool_backward);
+  m.impl("stem_forward", &stem_forward);
+  m.impl("stem_backward", &stem_backward);
 }
 
 } // namespace densenet_efficient::block

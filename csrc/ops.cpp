@@ -78,7 +78,7 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "Tensor[] grad_norm2_weight, Tensor[] grad_norm2_bias, "
       "Tensor[] grad_conv2_weight)");
   // The stretches outside the blocks (csrc/norm_relu_pool.cpp): a transition
-  // (BN-ReLU-Conv1x1-AvgPool2) and the stem's BN-ReLU-MaxPool. running_stats:
+  // (BN-ReLU-Conv1x1-AvgPool2) and the stem (Conv-BN-ReLU-MaxPool). running_stats:
   // [] for batch statistics, else [running_mean, running_var]; batch_mean/var
   // come back empty then.
   m.def(
@@ -91,16 +91,20 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "Tensor batch_mean, Tensor batch_var) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_conv_weight)");
+  // image_grad: whether backward computes the image's gradient (autograd
+  // passes whether it is needed; grad_input is empty when not).
   m.def(
-      "stem_pool_forward(Tensor input, Tensor weight, Tensor bias, "
-      "Tensor[] running_stats, float eps, int[] kernel_size, int[] stride, "
-      "int[] padding) "
+      "stem_forward(Tensor input, Tensor conv_weight, int[] conv_stride, "
+      "int[] conv_padding, Tensor weight, Tensor bias, Tensor[] running_stats, "
+      "float eps, int[] kernel_size, int[] stride, int[] padding) "
       "-> (Tensor output, Tensor batch_mean, Tensor batch_var, Tensor count)");
   m.def(
-      "stem_pool_backward(Tensor grad_output, Tensor input, Tensor weight, "
-      "Tensor bias, Tensor[] running_stats, float eps, int[] kernel_size, "
-      "int[] stride, int[] padding, Tensor batch_mean, Tensor batch_var) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "stem_backward(Tensor grad_output, Tensor input, Tensor conv_weight, "
+      "int[] conv_stride, int[] conv_padding, Tensor weight, Tensor bias, "
+      "Tensor[] running_stats, float eps, int[] kernel_size, int[] stride, "
+      "int[] padding, Tensor batch_mean, Tensor batch_var, bool image_grad) "
+      "-> (Tensor grad_input, Tensor grad_conv_weight, Tensor grad_weight, "
+      "Tensor grad_bias)");
 }
 
 namespace densenet_efficient::ops {

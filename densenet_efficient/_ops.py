@@ -275,6 +275,8 @@ class _PairedBackward:
         # from forward's arguments or results: tensors saved, the rest kept.
         ctx.layout, ctx.constants, tensors = [], {}, []
         for name in self.backward_args[1:]:
+            if name == "image_grad":  # from ctx.needs_input_grad, in backward
+                continue
             value = args[name] if name in args else results[name]
             if isinstance(value, torch.Tensor):
                 ctx.layout.append((name, None))
@@ -294,8 +296,13 @@ class _PairedBackward:
             name: next(saved) if length is None else [next(saved) for _ in range(length)]
             for name, length in ctx.layout
         }
+        needs_input_grad = ctx.needs_input_grad[self.forward_args.index("input")]
+        if "image_grad" in self.backward_args:  # the operator can skip the input's gradient
+            arguments["image_grad"] = needs_input_grad
         results = self.backward_op(grad_output, **arguments, **ctx.constants)
         grads = dict(zip(self.backward_results, results))
+        if not needs_input_grad:
+            grads.pop(_GRAD_PREFIX + "input")
         return tuple(grads.get(_GRAD_PREFIX + name, ctx.no_grads[name]) for name in self.forward_args)
 
 
@@ -334,19 +341,26 @@ def _(grad_output, input, weight, bias, running_stats, eps, conv_weight, batch_m
     )
 
 
-@torch.library.register_fake(_lib + "stem_pool_forward")
-def _(input, weight, bias, running_stats, eps, kernel_size, stride, padding):
-    _fake_planar("stem_pool_forward", input)
-    batch, channels, *spatial = input.shape
-    pooled = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(spatial, kernel_size, stride, padding)]
+@torch.library.register_fake(_lib + "stem_forward")
+def _(input, conv_weight, conv_stride, conv_padding, weight, bias, running_stats, eps, kernel_size, stride, padding):
+    _fake_planar("stem_forward", input)
+    batch, _, *spatial = input.shape
+    kernel = conv_weight.shape[2:]
+    convolved = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(spatial, kernel, conv_stride, conv_padding)]
+    pooled = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(convolved, kernel_size, stride, padding)]
+    channels = conv_weight.shape[0]
     output = input.new_empty((batch, channels, *pooled))
-    return (output, *_returned_stats(input, running_stats), input.new_empty((), dtype=torch.int64))
+    stats = _returned_stats(input.new_empty((batch, channels, *convolved)), running_stats)
+    return (output, *stats, input.new_empty((), dtype=torch.int64))
 
 
-@torch.library.register_fake(_lib + "stem_pool_backward")
-def _(grad_output, input, weight, bias, running_stats, eps, kernel_size, stride, padding, batch_mean, batch_var):
-    return torch.empty_like(input, memory_format=torch.contiguous_format), torch.empty_like(weight), torch.empty_like(bias)
+@torch.library.register_fake(_lib + "stem_backward")
+def _(grad_output, input, conv_weight, conv_stride, conv_padding, weight, bias, running_stats, eps, kernel_size,
+      stride, padding, batch_mean, batch_var, image_grad):
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if image_grad else input.new_empty((0,))
+    return (grad_input, torch.empty_like(conv_weight, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            torch.empty_like(bias))
 
 
 _register_paired_autograd("transition_forward", "transition_backward")
-_register_paired_autograd("stem_pool_forward", "stem_pool_backward")
+_register_paired_autograd("stem_forward", "stem_backward")

@@ -53,6 +53,7 @@ MODES = {
     "compiled-naive-lowmem": Variant("naive", compiled=True, memory_budget=0.05),
     "compiled-efficient": Variant("efficient", compiled=True),
     "compiled-efficient-lowmem": Variant("efficient", compiled=True, memory_budget=0.05),
+    "compiled-efficient+recompute-lowmem": Variant("efficient", recompute=True, compiled=True, memory_budget=0.05),
 }
 # Rows after the default models: the whole ImageNet model at a CPU's size,
 # and a 3-D model (MONAI's DenseNet121 on single-channel volumes, when MONAI

@@ -4,8 +4,9 @@ that keep only their input for backward (csrc/norm_relu_pool.cpp):
 * ``transition``: BatchNorm-ReLU-Conv1×1-AvgPool2×2, pooled before the
   convolution (they commute): the BatchNorm-ReLU output and the convolution
   output are never kept, and the convolution runs at a quarter of the pixels;
-* ``stem_pool``: the stem's BatchNorm-ReLU-MaxPool, keeping conv0's output
-  (the max positions are found again in backward).
+* ``stem``: the stem's conv0-BatchNorm-ReLU-MaxPool, keeping only the image
+  (conv0's output, the largest activation of an ImageNet DenseNet, is
+  computed again in backward, and the max positions found again).
 
 Each computes what its modules compute (BatchNorm as ``nn.BatchNorm{1,2,3}d``
 does: batch or running statistics, running statistics updated once per
@@ -22,7 +23,7 @@ from ._ops import ops
 from .functional import autocast_dtype
 from .reference import BATCH_NORM, CONV
 
-__all__ = ["stem_fusable", "stem_pool", "transition", "transition_fusable"]
+__all__ = ["stem", "stem_fusable", "transition", "transition_fusable"]
 
 _AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
@@ -64,12 +65,20 @@ def transition_fusable(transition: nn.Module) -> bool:
     )
 
 
-def stem_fusable(norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
-    """Whether (norm, relu, pool) are BatchNorm (affine), ReLU and a max pool
+def stem_fusable(conv: nn.Module, norm: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
+    """Whether (conv, norm, relu, pool) are a convolution (no bias, groups
+    and dilation 1, zero padding), BatchNorm (affine), ReLU and a max pool
     (dilation 1, no ceil mode) of one spatial rank."""
     dims = _spatial_dims_of_norm(norm)
     return (
         dims is not None
+        and type(conv) is CONV[dims]
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.dilation == (1,) * dims
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+        and conv.out_channels == norm.num_features
         and type(relu) is nn.ReLU
         and type(pool) is _MAX_POOL[dims]
         and _per_dim(pool.dilation, dims) == (1,) * dims
@@ -122,18 +131,26 @@ def transition(input: Tensor, transition: nn.Module) -> Tensor:
     return output
 
 
-def stem_pool(input: Tensor, norm: nn.Module, pool: nn.Module) -> Tensor:
-    """``pool(relu(norm(input)))`` (see ``stem_fusable``) as one operator that
-    keeps only ``input``, in ``input``'s dtype (under
-    autocast conv0's output already has the autocast dtype)."""
-    _check_input("stem", input, norm)
+def stem(input: Tensor, conv: nn.Module, norm: nn.Module, pool: nn.Module) -> Tensor:
+    """``pool(relu(norm(conv(input))))`` (see ``stem_fusable``) as one
+    operator that keeps only ``input``. Under autocast the convolution runs
+    in the autocast dtype, and so does the rest, as the modules would."""
     dims = input.dim() - 2
+    if input.dim() != conv.weight.dim() or input.shape[1] != conv.in_channels:
+        raise ValueError(
+            f"stem: expected a {conv.weight.dim()}-D input with {conv.in_channels} channels (its "
+            f"{type(conv).__name__}), got shape {tuple(input.shape)}"
+        )
+    compute_dtype = autocast_dtype(input)
+    conv_weight = conv.weight
+    if compute_dtype is not None:
+        input, conv_weight = input.to(compute_dtype), conv_weight.to(compute_dtype)
     kernel = _per_dim(pool.kernel_size, dims)
     stride = _per_dim(pool.stride if pool.stride is not None else pool.kernel_size, dims)
     with torch.autocast(input.device.type, enabled=False):
-        output, batch_mean, batch_var, count = ops.stem_pool_forward(
-            input, norm.weight, norm.bias, _running_stats(norm), float(norm.eps), kernel, stride,
-            _per_dim(pool.padding, dims),
+        output, batch_mean, batch_var, count = ops.stem_forward(
+            input, conv_weight, list(conv.stride), list(conv.padding), norm.weight, norm.bias, _running_stats(norm),
+            float(norm.eps), kernel, stride, _per_dim(pool.padding, dims),
         )
     _update_running_stats(norm, batch_mean, batch_var, count)
     return output

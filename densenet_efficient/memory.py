@@ -231,13 +231,14 @@ class _SavedBytes:
         return x.new()
 
     def stage(self, stage: tuple[nn.Module, ...], x: _Tensor) -> _Tensor:
-        """One module, or a fused stem (norm, relu, max pool: one operator)."""
+        """One module, or a fused stem (conv, norm, relu, max pool: one operator)."""
         if len(stage) == 1:
             return self.module(stage[0], x)
-        norm, _, pool = stage
-        self.save(x)  # conv0's output and batch statistics
-        self.total += self._fused_stats(norm, x)
-        return x.new(spatial=_window_output(x, pool.kernel_size, pool.stride, pool.padding))
+        conv, norm, _, pool = stage
+        self.save(x)  # the image, and batch statistics
+        y = x.new(conv.out_channels, _window_output(x, conv.kernel_size, conv.stride, conv.padding))
+        self.total += self._fused_stats(norm, y)
+        return y.new(spatial=_window_output(y, pool.kernel_size, pool.stride, pool.padding))
 
     def _fused_stats(self, norm: nn.Module, x: _Tensor) -> int:
         """Bytes of the batch mean and variance a fused operator keeps."""
@@ -441,7 +442,12 @@ def estimate_training_step(
         largest = max(x_in.numel(), x.numel()) * counter.itemsize
         if isinstance(stage[0], DenseBlock):
             forward, backward = _block_transients(stage[0], x_in, counter.itemsize, counter.math_itemsize)
-        elif len(stage) == 3 or (isinstance(stage[0], Transition) and stage[0].fused()):
+        elif len(stage) == 4:  # a fused stem: conv0's output, made twice, beside its BN-ReLU output or gradients
+            conv = stage[0]
+            full = x_in.batch * conv.out_channels * _numel(
+                _window_output(x_in, conv.kernel_size, conv.stride, conv.padding)) * counter.itemsize
+            forward, backward = 2 * full, 3 * full
+        elif isinstance(stage[0], Transition) and stage[0].fused():
             # Forward: the BatchNorm-ReLU output beside the pooled one; backward: its gradient and the input's.
             forward, backward = largest + x.numel() * counter.itemsize, 2 * largest + x.numel() * counter.itemsize
         else:

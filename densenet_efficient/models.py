@@ -92,9 +92,9 @@ class Transition(nn.Sequential):
 class DenseNetFeatures(nn.Sequential):
     """A DenseNet's feature extractor (``features``: stem, dense blocks,
     transitions, final norm), run as ``nn.Sequential`` but for the stem: in
-    ``mode="efficient"`` its norm0-relu0-pool0 (BatchNorm, ReLU, max pool) run
-    as one operator that keeps only conv0's output
-    (``densenet_efficient.fused.stem_pool``)."""
+    ``mode="efficient"`` its conv0-norm0-relu0-pool0 (convolution, BatchNorm,
+    ReLU, max pool) run as one operator that keeps only the image
+    (``densenet_efficient.fused.stem``)."""
 
     def __init__(self, *args, mode: str = "efficient") -> None:
         super().__init__(*args)
@@ -109,13 +109,13 @@ class DenseNetFeatures(nn.Sequential):
         self._mode = _checked_mode(mode)
 
     def stages(self) -> list[tuple[nn.Module, ...]]:
-        """The children in order, one per stage, but a fused BatchNorm-ReLU-
-        max-pool as one stage of three."""
+        """The children in order, one per stage, but a fused stem (conv,
+        BatchNorm, ReLU, max pool) as one stage of four."""
         children, stages, i = list(self), [], 0
         while i < len(children):
-            if self.mode == "efficient" and i + 2 < len(children) and stem_fusable(*children[i : i + 3]):
-                stages.append(tuple(children[i : i + 3]))
-                i += 3
+            if self.mode == "efficient" and i + 3 < len(children) and stem_fusable(*children[i : i + 4]):
+                stages.append(tuple(children[i : i + 4]))
+                i += 4
             else:
                 stages.append((children[i],))
                 i += 1
@@ -129,7 +129,7 @@ class DenseNetFeatures(nn.Sequential):
 
     def forward(self, input: Tensor) -> Tensor:
         for stage in self.stages():
-            input = fused.stem_pool(input, stage[0], stage[2]) if len(stage) == 3 else stage[0](input)
+            input = fused.stem(input, stage[0], stage[1], stage[3]) if len(stage) == 4 else stage[0](input)
         return input
 
     def extra_repr(self) -> str:

@@ -67,7 +67,7 @@ def test_transition_matches_its_modules(device, spatial, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_stem_matches_its_modules(device, spatial, training):
     fused = _stem(len(spatial)).train(training).to(device)
-    assert [len(stage) for stage in fused.stages()] == [1, 3]
+    assert [len(stage) for stage in fused.stages()] == [4]
     naive = _naive(fused)
     assert [len(stage) for stage in naive.stages()] == [1, 1, 1, 1]
     x = torch.randn(3, 2, *spatial, dtype=torch.float64, device=device)
@@ -97,8 +97,11 @@ def test_layouts_other_than_the_fused_one_run_their_modules():
     module = _transition(2)
     module.norm = nn.SyncBatchNorm(6).double()
     assert not module.fused()
-    assert not stem_fusable(nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, ceil_mode=True))
-    assert not stem_fusable(nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.MaxPool2d(3))
+    conv = nn.Conv2d(2, 3, 3, bias=False)
+    assert stem_fusable(conv, nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3))
+    assert not stem_fusable(conv, nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3, ceil_mode=True))
+    assert not stem_fusable(conv, nn.BatchNorm2d(3, affine=False), nn.ReLU(), nn.MaxPool2d(3))
+    assert not stem_fusable(nn.Conv2d(2, 3, 3, bias=True), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(3))
 
 
 def test_gradcheck_transition_and_stem():
@@ -108,11 +111,9 @@ def test_gradcheck_transition_and_stem():
         params = (transition.norm.weight, transition.norm.bias, transition.conv.weight)
         assert torch.autograd.gradcheck(lambda x, *p: transition(x), (x, *params))
         stem = _stem(2, channels=3).train(training)
-        norm, pool = stem.norm0, stem.pool0
-        y = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
-        from densenet_efficient.fused import stem_pool
-
-        assert torch.autograd.gradcheck(lambda y, w, b: stem_pool(y, norm, pool), (y, norm.weight, norm.bias))
+        image = torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+        params = (stem.conv0.weight, stem.norm0.weight, stem.norm0.bias)
+        assert torch.autograd.gradcheck(lambda image, *p: stem(image), (image, *params))
 
 
 def test_opcheck_transition_and_stem_ops():
@@ -128,10 +129,15 @@ def test_opcheck_transition_and_stem_ops():
         torch.library.opcheck(ops.transition_backward.default,
                               (torch.randn_like(output), x, weight, bias, stats, 1e-5, conv, mean, var))
         window = ([3, 3], [2, 2], [1, 1])
-        torch.library.opcheck(ops.stem_pool_forward.default, (*leaves[:3], stats, 1e-5, *window))
-        output, mean, var, _ = ops.stem_pool_forward(x, weight, bias, stats, 1e-5, *window)
-        torch.library.opcheck(ops.stem_pool_backward.default,
-                              (torch.randn_like(output), x, weight, bias, stats, 1e-5, *window, mean, var))
+        image = torch.randn(2, 3, 9, 8, dtype=torch.float64, generator=generator)
+        conv0 = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=generator)
+        stem_args = ([2, 2], [1, 1], weight, bias, stats, 1e-5, *window)
+        torch.library.opcheck(ops.stem_forward.default,
+                              (image.clone().requires_grad_(), conv0.clone().requires_grad_(), *stem_args))
+        output, mean, var, _ = ops.stem_forward(image, conv0, *stem_args)
+        for image_grad in (True, False):
+            torch.library.opcheck(ops.stem_backward.default,
+                                  (torch.randn_like(output), image, conv0, *stem_args, mean, var, image_grad))
 
 
 def test_bad_input_is_refused_before_running_statistics_change():
@@ -146,13 +152,17 @@ def test_bad_input_is_refused_before_running_statistics_change():
         ops.transition_forward(torch.randn(2, 4, 4, 4), torch.ones(4), torch.zeros(4), [], 1e-5,
                                torch.randn(2, 4, 3, 3))
     with pytest.raises(ValueError, match=r"expected kernel_size with one value per spatial dimension \(2\), got \[3\]"):
-        ops.stem_pool_forward(torch.randn(2, 4, 4, 4), torch.ones(4), torch.zeros(4), [], 1e-5, [3], [2], [1])
+        ops.stem_forward(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), [1, 1], [1, 1], torch.ones(4),
+                         torch.zeros(4), [], 1e-5, [3], [2], [1])
+    with pytest.raises(ValueError, match=r"expected a conv0 weight \[out, 3, \*kernel\] of 4 dimensions, got \[4, 2, 3, 3\]"):
+        ops.stem_forward(torch.randn(2, 3, 8, 8), torch.randn(4, 2, 3, 3), [1, 1], [1, 1], torch.ones(4),
+                         torch.zeros(4), [], 1e-5, [3, 3], [2, 2], [1, 1])
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fused_stages_keep_only_their_input_and_statistics(training):
     """A transition keeps its input (a block's output, kept anyway) and two
-    per-channel vectors; the stem keeps conv0's output and two vectors."""
+    per-channel vectors; the stem keeps the image and two vectors."""
     transition = _transition(2, channels=8, out=4).float().train(training)
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     _, saved = saved_tensor_bytes(transition, x, ignore=[*transition.parameters(), *transition.buffers()])
@@ -160,8 +170,7 @@ def test_fused_stages_keep_only_their_input_and_statistics(training):
     stem = _stem(2, channels=4).float().train(training)
     image = torch.randn(2, 2, 12, 12)
     _, saved = saved_tensor_bytes(stem, image, ignore=[*stem.parameters(), *stem.buffers()])
-    conv0_out = 2 * 4 * 6 * 6
-    assert saved == image.numel() * 4 + conv0_out * 4 + (2 * 4 * 4 if training else 0)
+    assert saved == image.numel() * 4 + (2 * 4 * 4 if training else 0)
 
 
 def test_converted_torchvision_densenet_fuses_its_transitions_and_stem():
@@ -177,7 +186,7 @@ def test_converted_torchvision_densenet_fuses_its_transitions_and_stem():
     converted = de.convert(copy.deepcopy(original))
     assert list(converted.state_dict()) == keys
     features = converted.features
-    assert isinstance(features, models.DenseNetFeatures) and [len(s) for s in features.stages()][:2] == [1, 3]
+    assert isinstance(features, models.DenseNetFeatures) and len(features.stages()[0]) == 4
     assert all(m.fused() for m in features if isinstance(m, models.Transition)) and features.transition2.fused()
     x, grad = torch.randn(3, 3, 40, 40, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
     for training in (True, False):
@@ -190,3 +199,13 @@ def test_converted_torchvision_densenet_fuses_its_transitions_and_stem():
     de.convert(converted, mode="naive")
     assert not any(m.fused() for m in converted.features if isinstance(m, models.Transition))
     assert [len(s) for s in converted.features.stages()][:4] == [1, 1, 1, 1]
+
+
+def test_stem_without_an_image_gradient_gives_the_same_parameter_gradients():
+    fused = _stem(2)
+    naive = _naive(fused)
+    image = torch.randn(3, 2, 10, 9, dtype=torch.float64)  # no gradient asked for, as in training
+    for module in (fused, naive):
+        module(image).square().sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), naive.parameters()):
+        assert (p.grad - q.grad).norm() <= 1e-10 * q.grad.norm(), name
