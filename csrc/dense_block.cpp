@@ -113,7 +113,9 @@ std::tuple<Tensor, Tensor> conv_backward(
       /*dilation=*/per_spatial_dim(input, 1), /*transposed=*/false,
       /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1,
       /*output_mask=*/{true, true, false});
-  return {grad_input, grad_weight};
+  // Contiguous whatever the weight's layout (channels_last models): the
+  // fake kernels say so, and compiled graphs trust them.
+  return {grad_input, grad_weight.contiguous()};
 }
 
 // at::native_dropout draws its mask exactly as at::dropout (F.dropout) does on

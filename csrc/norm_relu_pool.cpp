@@ -156,6 +156,20 @@ std::tuple<Tensor, Tensor> max_pool(const Tensor& x, const MaxPoolWindow& w) {
   }
 }
 
+// Max pooling without indices where ATen has such a kernel (forward needs
+// only the values).
+Tensor max_pool_values(const Tensor& x, const MaxPoolWindow& w) {
+  const std::vector<int64_t> one(w.kernel.size(), 1);
+  switch (x.dim()) {
+    case 3:
+      return at::max_pool2d(x.unsqueeze(2), w.kernel, w.stride, w.padding, one).squeeze(2);
+    case 4:
+      return at::max_pool2d(x, w.kernel, w.stride, w.padding, one);
+    default:
+      return at::max_pool3d(x, w.kernel, w.stride, w.padding, one);
+  }
+}
+
 Tensor max_pool_backward(const Tensor& grad, const Tensor& x, const MaxPoolWindow& w, const Tensor& indices) {
   const std::vector<int64_t> one(w.kernel.size(), 1);
   switch (x.dim()) {
@@ -212,26 +226,28 @@ void check_transition_conv(const char* op, const Tensor& input, const Tensor& co
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> transition_forward(
-    const Tensor& input,
+    const Tensor& input_,
     const Tensor& weight,
     const Tensor& bias,
     at::TensorList running_stats,
     double eps,
     const Tensor& conv_weight) {
   constexpr const char* op = "transition_forward";
-  check_norm_args(op, input, weight, bias, running_stats, eps);
-  check_transition_conv(op, input, conv_weight);
+  check_norm_args(op, input_, weight, bias, running_stats, eps);
+  check_transition_conv(op, input_, conv_weight);
+  const auto input = input_.contiguous();  // once, not in each pass over it
   const auto stats = batch_or_running_stats(input, running_stats);
   const auto pooled = avg_pool(bn_relu(input, stats, weight, bias, eps));
   auto [mean, var] = returned_stats(input, stats);
-  return {conv1x1(pooled, conv_weight), mean, var, values_per_channel_tensor(input)};
+  // Contiguous whatever the weight's layout, as the fake kernel says.
+  return {conv1x1(pooled, conv_weight).contiguous(), mean, var, values_per_channel_tensor(input)};
 }
 
 // With z = relu(bn(x)) and y = conv(pool(z)): dW = conv's weight gradient at
 // pool(z), dz = pool_backward(conv_backward(dy)), then BN-ReLU's backward.
 std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
     const Tensor& grad_output,
-    const Tensor& input,
+    const Tensor& input_,
     const Tensor& weight,
     const Tensor& bias,
     at::TensorList running_stats,
@@ -240,18 +256,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
     const Tensor& batch_mean,
     const Tensor& batch_var) {
   constexpr const char* op = "transition_backward";
-  check_norm_args(op, input, weight, bias, running_stats, eps);
-  check_transition_conv(op, input, conv_weight);
+  check_norm_args(op, input_, weight, bias, running_stats, eps);
+  check_transition_conv(op, input_, conv_weight);
+  const auto input = input_.contiguous();
   const auto stats = saved_stats(op, input, running_stats, batch_mean, batch_var);
-  // The full-resolution BN-ReLU output lives only until it is pooled: the
-  // pooling's backward needs just its shape, which is the input's.
-  const auto pooled = avg_pool(bn_relu(input, stats, weight, bias, eps));
-  TORCH_CHECK_VALUE(
-      grad_output.dim() == input.dim() && grad_output.size(0) == input.size(0) &&
-          grad_output.size(1) == conv_weight.size(0) && grad_output.sizes().slice(2) == pooled.sizes().slice(2),
-      op, ": grad_output has shape ", grad_output.sizes(), ", expected that of the output");
-  auto [grad_pooled, grad_conv_weight] = conv_backward(grad_output, pooled, conv_weight, 0);
-  const auto grad_normalized = avg_pool_backward(grad_pooled, input.contiguous());
+  Tensor grad_normalized, grad_conv_weight;
+  {
+    // The full-resolution BN-ReLU output lives only until it is pooled, the
+    // pooled one and its gradient until they are un-pooled: the pooling's
+    // backward needs just the shape, which is the input's.
+    const auto pooled = avg_pool(bn_relu(input, stats, weight, bias, eps));
+    TORCH_CHECK_VALUE(
+        grad_output.dim() == input.dim() && grad_output.size(0) == input.size(0) &&
+            grad_output.size(1) == conv_weight.size(0) && grad_output.sizes().slice(2) == pooled.sizes().slice(2),
+        op, ": grad_output has shape ", grad_output.sizes(), ", expected that of the output");
+    Tensor grad_pooled;
+    std::tie(grad_pooled, grad_conv_weight) = conv_backward(grad_output, pooled, conv_weight, 0);
+    grad_normalized = avg_pool_backward(grad_pooled, input);
+  }
   auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
       grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
   return {grad_input, grad_weight, grad_bias, grad_conv_weight};
@@ -306,11 +328,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_forward(
     at::IntArrayRef padding) {
   constexpr const char* op = "stem_forward";
   const auto conv = checked_stem_conv(op, image, conv_weight, conv_stride, conv_padding);
-  const auto input = stem_conv(image, conv_weight, conv);
+  const auto input = stem_conv(image, conv_weight, conv).contiguous();  // once, not in each pass over it
   check_norm_args(op, input, weight, bias, running_stats, eps);
   const auto window = checked_window(op, input, kernel_size, stride, padding);
   const auto stats = batch_or_running_stats(input, running_stats);
-  auto output = std::get<0>(max_pool(bn_relu(input, stats, weight, bias, eps), window));
+  auto output = max_pool_values(bn_relu(input, stats, weight, bias, eps), window);
   auto [mean, var] = returned_stats(input, stats);
   return {output, mean, var, values_per_channel_tensor(input)};
 }
@@ -336,26 +358,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_backward(
     bool image_grad) {
   constexpr const char* op = "stem_backward";
   const auto conv = checked_stem_conv(op, image, conv_weight, conv_stride, conv_padding);
-  const auto input = stem_conv(image, conv_weight, conv).contiguous();
-  check_norm_args(op, input, weight, bias, running_stats, eps);
-  const auto window = checked_window(op, input, kernel_size, stride, padding);
-  const auto stats = saved_stats(op, input, running_stats, batch_mean, batch_var);
-  // The BN-ReLU output lives only until pooled: the pooling's backward needs
-  // just its shape, which is the (contiguous) input's.
-  const auto [output, indices] = max_pool(bn_relu(input, stats, weight, bias, eps), window);
-  TORCH_CHECK_VALUE(
-      grad_output.sizes() == output.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
-      ", expected the output's ", output.sizes());
-  auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
-      max_pool_backward(grad_output, input, window, indices), input, stats.mean, stats.var, weight, bias, eps,
-      stats.batch_stats);
+  Tensor grad_input, grad_weight, grad_bias;
+  {
+    const auto input = stem_conv(image, conv_weight, conv).contiguous();
+    check_norm_args(op, input, weight, bias, running_stats, eps);
+    const auto window = checked_window(op, input, kernel_size, stride, padding);
+    const auto stats = saved_stats(op, input, running_stats, batch_mean, batch_var);
+    Tensor grad_normalized;
+    {
+      // The BN-ReLU output lives only until pooled, its max positions until
+      // they route the gradient: the pooling's backward needs just the shape,
+      // which is the input's.
+      const auto [output, indices] = max_pool(bn_relu(input, stats, weight, bias, eps), window);
+      TORCH_CHECK_VALUE(
+          grad_output.sizes() == output.sizes(), op, ": grad_output has shape ", grad_output.sizes(),
+          ", expected the output's ", output.sizes());
+      grad_normalized = max_pool_backward(grad_output, input, window, indices);
+    }
+    std::tie(grad_input, grad_weight, grad_bias) = ops::bn_relu_backward(
+        grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
+  }  // conv0's output, made again, is no longer needed: only the image is
   auto [grad_image, grad_conv_weight, unused_grad_bias] = at::convolution_backward(
       grad_input, image, conv_weight, std::nullopt, conv.stride, conv.padding, conv.dilation, false,
       conv.output_padding, 1, {image_grad, true, false});
   if (!grad_image.defined()) {  // not asked for: an empty tensor (a schema's Tensor is never undefined)
     grad_image = at::empty({0}, image.options());
   }
-  return {grad_image, grad_conv_weight, grad_weight, grad_bias};
+  // Contiguous whatever the image's or weight's layout, as the fake kernel says.
+  return {grad_image.contiguous(), grad_conv_weight.contiguous(), grad_weight, grad_bias};
 }
 
 } // namespace

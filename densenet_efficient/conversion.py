@@ -122,5 +122,8 @@ def _as_container(module: nn.Module, kind: type, mode: str) -> nn.Module:
     container = kind.__new__(kind)
     nn.Sequential.__init__(container, OrderedDict(module.named_children()))
     container.training = module.training  # its children keep their own train/eval flags
+    for name, hooks in vars(module).items():  # the user's hooks on the container go along
+        if "hooks" in name and isinstance(hooks, dict):
+            vars(container)[name] = hooks
     container.mode = mode
     return container

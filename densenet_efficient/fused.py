@@ -23,7 +23,7 @@ from ._ops import ops
 from .functional import autocast_dtype
 from .reference import BATCH_NORM, CONV
 
-__all__ = ["stem", "stem_fusable", "transition", "transition_fusable"]
+__all__ = ["runs_fused", "stem", "stem_fusable", "transition", "transition_fusable"]
 
 _AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
@@ -48,6 +48,7 @@ def transition_fusable(transition: nn.Module) -> bool:
     conv, pool = parts["conv"], parts["pool"]
     return (
         dims is not None
+        and _without_hooks(*parts.values())
         and type(parts["relu"]) is nn.ReLU
         and type(conv) is CONV[dims]
         and conv.kernel_size == (1,) * dims
@@ -72,6 +73,7 @@ def stem_fusable(conv: nn.Module, norm: nn.Module, relu: nn.Module, pool: nn.Mod
     dims = _spatial_dims_of_norm(norm)
     return (
         dims is not None
+        and _without_hooks(conv, norm, relu, pool)
         and type(conv) is CONV[dims]
         and conv.bias is None
         and conv.groups == 1
@@ -101,6 +103,20 @@ def _update_running_stats(norm: nn.Module, batch_mean: Tensor, batch_var: Tensor
             [norm.running_mean], [norm.running_var], [norm.num_batches_tracked],
             [None if norm.momentum is None else float(norm.momentum)], [0], batch_mean, batch_var, count,
         )
+
+
+def _without_hooks(*modules: nn.Module) -> bool:
+    """Fusing runs none of these modules' forwards: none may have forward
+    hooks (old-style weight_norm, say, is one)."""
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def runs_fused(input: Tensor) -> bool:
+    """Whether the fused operators compute what the modules would for this
+    input: not under CPU autocast in 3-D, where PyTorch pools in float32
+    (avg_pool3d and max_pool3d have no bfloat16 CPU kernels); the modules
+    run one by one there."""
+    return not (input.dim() == 5 and input.device.type == "cpu" and torch.is_autocast_enabled("cpu"))
 
 
 def _check_input(what: str, input: Tensor, norm: nn.Module) -> None:

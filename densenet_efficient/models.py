@@ -83,7 +83,9 @@ class Transition(nn.Sequential):
         return self.mode == "efficient" and transition_fusable(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        return fused.transition(input, self) if self.fused() else super().forward(input)
+        if self.fused() and fused.runs_fused(input):
+            return fused.transition(input, self)
+        return super().forward(input)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
@@ -129,7 +131,11 @@ class DenseNetFeatures(nn.Sequential):
 
     def forward(self, input: Tensor) -> Tensor:
         for stage in self.stages():
-            input = fused.stem(input, stage[0], stage[1], stage[3]) if len(stage) == 4 else stage[0](input)
+            if len(stage) == 4 and fused.runs_fused(input):
+                input = fused.stem(input, stage[0], stage[1], stage[3])
+            else:
+                for module in stage:
+                    input = module(input)
         return input
 
     def extra_repr(self) -> str:

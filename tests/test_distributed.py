@@ -46,9 +46,13 @@ def _state(model):
             "buffers": {n: b.detach().clone() for n, b in model.named_buffers()}}
 
 
-def _ddp_steps(rank, out, mode):
+def _initial_model(mode):
     torch.manual_seed(0)
-    model = models.densenet_bc(16, 4, mode=mode, drop_rate=0.1).double()
+    return models.densenet_bc(16, 4, mode=mode, drop_rate=0.1).double()
+
+
+def _ddp_steps(rank, out, mode):
+    model = _initial_model(mode)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
@@ -65,10 +69,11 @@ def _ddp_steps(rank, out, mode):
 def test_ddp_keeps_parameters_equal_across_ranks(tmp_path, mode):
     spawn(_ddp_steps, str(tmp_path), mode)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    initial = models.densenet_bc(16, 4).state_dict()
     for name, value in ranks[0].items():
         assert torch.equal(value, ranks[1][name]), name
-    assert any(not torch.equal(v, initial[n].double()) for n, v in ranks[0].items()), "no step was taken"
+    # The ranks' starting point, built the same way: every parameter moved from it.
+    initial = dict(_initial_model(mode).named_parameters())
+    assert all(not torch.equal(v, initial[n]) for n, v in ranks[0].items()), "a parameter was not updated"
 
 
 def _batch(batch_per_rank):

@@ -209,3 +209,46 @@ def test_stem_without_an_image_gradient_gives_the_same_parameter_gradients():
         module(image).square().sum().backward()
     for (name, p), q in zip(fused.named_parameters(), naive.parameters()):
         assert (p.grad - q.grad).norm() <= 1e-10 * q.grad.norm(), name
+
+
+def test_modules_with_forward_hooks_run_unfused_and_container_hooks_survive_conversion():
+    torchvision = pytest.importorskip("torchvision")
+    import densenet_efficient as de
+
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+    seen = []
+    model.features.norm0.register_forward_hook(lambda *args: seen.append("norm0"))
+    model.features.transition1.conv.register_forward_hook(lambda *args: seen.append("conv"))
+    model.features.register_forward_hook(lambda *args: seen.append("features"))
+    de.convert(model)
+    assert [len(stage) for stage in model.features.stages()][:4] == [1, 1, 1, 1]
+    assert not model.features.transition1.fused()
+    model(torch.randn(2, 3, 32, 32))
+    assert seen == ["norm0", "conv", "features"]
+
+
+def test_3d_stretches_under_cpu_autocast_run_their_modules():
+    """CPU autocast pools 3-D in float32 (no bfloat16 kernels): the modules run."""
+    fused, stem = _transition(3).float(), _stem(3).float()
+    x, image = torch.randn(2, 6, 4, 4, 4, dtype=torch.bfloat16), torch.randn(2, 2, 8, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(fused(x), _naive(fused)(x)) and fused(x).dtype == torch.float32
+        assert torch.equal(stem(image), _naive(stem)(image))
+
+
+def test_opcheck_with_channels_last_weights_and_images():
+    """Real results are contiguous whatever the layouts, as the fake kernels say."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    weight, bias = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    conv = torch.randn(2, 4, 1, 1, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(ops.transition_forward.default, (x, weight, bias, [], 1e-5, conv))
+    output, mean, var, _ = ops.transition_forward(x, weight, bias, [], 1e-5, conv)
+    torch.library.opcheck(ops.transition_backward.default,
+                          (torch.randn_like(output), x, weight, bias, [], 1e-5, conv, mean, var))
+    image = torch.randn(2, 3, 9, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    conv0 = torch.randn(4, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    stem_args = ([2, 2], [1, 1], weight, bias, [], 1e-5, [3, 3], [2, 2], [1, 1])
+    torch.library.opcheck(ops.stem_forward.default, (image, conv0, *stem_args))
+    output, mean, var, _ = ops.stem_forward(image, conv0, *stem_args)
+    torch.library.opcheck(ops.stem_backward.default,
+                          (torch.randn_like(output), image, conv0, *stem_args, mean, var, True))
