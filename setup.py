@@ -6,6 +6,7 @@ impossible), DENSENET_EFFICIENT_CUDA=0 forces a CPU-only build.
 """
 
 import glob
+import json
 import os
 
 import torch
@@ -65,7 +66,31 @@ def _extension():
     )
 
 
+BUILD_INFO = "_build_info.json"
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, which also writes what the extension was built
+    against next to it (densenet_efficient/build_info.py reads it): the torch
+    version, whether CUDA kernels were compiled, and for which architectures."""
+
+    def run(self):
+        super().run()  # builds, and copies in place for editable installs
+        for ext in self.extensions:
+            cuda = any(source.endswith(".cu") for source in ext.sources)
+            flags = cpp_extension._get_cuda_arch_flags() if cuda else []
+            info = {
+                "torch": torch.__version__,
+                "torch_cuda": torch.version.cuda,
+                "cuda_kernels": cuda,
+                "cuda_architectures": sorted({flag.split("code=")[-1] for flag in flags if "code=" in flag}),
+            }
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_INFO)
+            with open(path, "w") as f:
+                json.dump(info, f, indent=1)
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

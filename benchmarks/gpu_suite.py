@@ -265,15 +265,14 @@ def markdown(report):
                          f"{100 * r['fraction_of_copy']:.0f}% | | |")
         lines.append("")
     if "models" in stages:
-        from densenet_efficient.bench import table
+        from densenet_efficient.bench import max_batch_lines, table
 
         m = stages["models"]
         lines += ["## Models", "", f"`python {m['command']}`: rc {m['rc']}", ""]
         if m.get("rows"):
             lines += [table(m["rows"], markdown=True), ""]
         if m.get("max_batch"):
-            lines += ["Largest batch that runs, densenet_bc_190_40: "
-                      + ", ".join(f"{k} {v}" for k, v in m["max_batch"].items()), ""]
+            lines += [*max_batch_lines(m["max_batch"]), ""]
     return "\n".join(lines)
 
 

@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
-from . import _C  # noqa: F401  (loading the library registers the operators)
+from .build_info import extension_load_error
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the operators)
+except ImportError as error:  # typically an extension built against another torch
+    raise ImportError(extension_load_error(error)) from error
 
 ops = torch.ops.densenet_efficient
 _lib = "densenet_efficient::"

@@ -291,6 +291,12 @@ def environment(device: str) -> dict:
     return env
 
 
+def max_batch_lines(max_batch: dict) -> list[str]:
+    """One line per model: the largest batch that runs, per mode."""
+    return [f"largest batch that runs, {model}: " + ", ".join(f"{mode} {batch}" for mode, batch in per_mode.items())
+            for model, per_mode in max_batch.items()]
+
+
 def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         naive = next((r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
@@ -468,7 +474,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         row = {k: v for k, v in extra.items() if k not in ("modes", "needs")}
         configs += [dict(row, mode=mode, device=device, steps=steps, warmup=warmup)
                     for mode in (extra.get("modes", modes) if not args.modes else modes)]
-    progress = Progress(len(configs) + (len(modes) if args.max_batch else 0))
+    progress = Progress(len(configs) + (len(names) * len(modes) if args.max_batch else 0))
     rows = []
     for config in configs:
         progress.update(f"{config['model']} {config['mode']} batch {config['batch']}")
@@ -477,23 +483,26 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         progress.advance(f"{config['model']} {config['mode']}: {row.get('result')}")
     add_ratios(rows)
     report = {"environment": env, "rows": rows}
-    if args.max_batch:
+    if args.max_batch:  # per model given: {model: {mode: batch}}
         report["max_batch"] = {}
-        for mode in modes:
-            report["max_batch"][mode] = largest_batch(dict(configs[0], mode=mode), args.timeout)
-            progress.advance(f"largest batch, {mode}: {report['max_batch'][mode]}")
+        for name in names:
+            first = next(c for c in configs if c["model"] == name)
+            report["max_batch"][name] = {}
+            for mode in modes:
+                report["max_batch"][name][mode] = largest_batch(dict(first, mode=mode), args.timeout)
+                progress.advance(f"largest batch, {name} {mode}: {report['max_batch'][name][mode]}")
 
     text = table(rows)
     print(f"\n{env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date_utc']}\n")
     print(text)
     if args.max_batch:
-        print("\nlargest batch that runs (" + names[0] + "): " + ", ".join(f"{m} {b}" for m, b in report["max_batch"].items()))
+        print("\n" + "\n".join(max_batch_lines(report["max_batch"])))
     (out / "results.json").write_text(json.dumps(report, indent=1))
     markdown = [f"# Benchmark — {env['device']} — {env['date_utc']}", "",
                 f"torch {env['torch']}, Python {env['python']}, commit `{env['commit']}`; "
                 f"memory: {rows[0].get('memory_kind', 'n/a')}", "", table(rows, markdown=True), ""]
     if args.max_batch:
-        markdown += ["Largest batch that runs (" + names[0] + "): " + ", ".join(f"{m} {b}" for m, b in report["max_batch"].items()), ""]
+        markdown += [*max_batch_lines(report["max_batch"]), ""]
     (out / "results.md").write_text("\n".join(markdown))
     plots = plot(rows, env, out)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}" + "".join(f", {p}" for p in plots))

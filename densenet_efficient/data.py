@@ -34,6 +34,7 @@ class ImageSet:
 _CIFAR = {
     "cifar10": {
         "folder": "cifar-10-batches-py",
+        "archive": "cifar-10-python.tar.gz",
         "train": [f"data_batch_{i}" for i in range(1, 6)],
         "test": ["test_batch"],
         "labels": b"labels",
@@ -41,6 +42,7 @@ _CIFAR = {
     },
     "cifar100": {
         "folder": "cifar-100-python",
+        "archive": "cifar-100-python.tar.gz",
         "train": ["train"],
         "test": ["test"],
         "labels": b"fine_labels",
@@ -55,9 +57,17 @@ def _cifar_root(name: str, data_dir: Path) -> Path:
     return nested if nested.is_dir() else data_dir
 
 
-def _read_batch(path: Path, label_key: bytes, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _layout(name: str) -> str:
+    """The files CIFAR's python-pickle version holds, and where."""
+    spec = _CIFAR[name]
+    train = spec["train"][0] if len(spec["train"]) == 1 else f"{spec['train'][0]}..{spec['train'][-1]}"
+    return (f"{name}'s python-pickle batches {train} and {spec['test'][0]} in --data-dir or its "
+            f"{spec['folder']}/ folder, as {spec['archive']} unpacks")
+
+
+def _read_batch(path: Path, label_key: bytes, num_classes: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.is_file():
-        raise DataError(f"{path}: missing (expected the {path.name} file of the python-pickle CIFAR batches)")
+        raise DataError(f"{path}: missing (expected {_layout(name)})")
     try:
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")
@@ -83,11 +93,11 @@ def _per_channel(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, 
 def _cifar(name: str, data_dir: Path) -> tuple[ImageSet, ImageSet]:
     spec = _CIFAR[name]
     if not data_dir.is_dir():
-        raise DataError(f"{data_dir}: no such directory (expected {name} in python-pickle format)")
+        raise DataError(f"{data_dir}: no such directory (expected {_layout(name)})")
     root = _cifar_root(name, data_dir)
     parts = {}
     for split in ("train", "test"):
-        batches = [_read_batch(root / file, spec["labels"], spec["classes"]) for file in spec[split]]
+        batches = [_read_batch(root / file, spec["labels"], spec["classes"], name) for file in spec[split]]
         parts[split] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
     mean, std = _per_channel(parts["train"][0])
     return tuple(ImageSet(images, labels, spec["classes"], mean, std) for images, labels in parts.values())

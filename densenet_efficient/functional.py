@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._ops import FORWARD_RESULTS, block_statistics_size, ops
+from .build_info import require_kernels_for
 from .reference import BATCH_NORM, CONV
 
 __all__ = ["check_block_input", "dense_block", "spatial_dims_of"]
@@ -213,6 +214,7 @@ def dense_block(
     """
     named = _named_layers(layers)
     _check_input(input, named)
+    require_kernels_for(input.device)
     bottleneck = _has_bottleneck(named[0][1])
     spatial_dims = spatial_dims_of(named[0][1])
     for name, layer in named:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._ops import ops
+from .build_info import require_kernels_for
 from .functional import autocast_dtype
 from .reference import BATCH_NORM, CONV
 
@@ -135,6 +136,7 @@ def transition(input: Tensor, transition: nn.Module) -> Tensor:
     in it) with float32 BatchNorm parameters, as the modules would."""
     norm, conv = transition.norm, transition.conv
     _check_input("transition", input, norm)
+    require_kernels_for(input.device)
     compute_dtype = autocast_dtype(input)
     conv_weight = conv.weight
     if compute_dtype is not None:
@@ -157,6 +159,7 @@ def stem(input: Tensor, conv: nn.Module, norm: nn.Module, pool: nn.Module) -> Te
             f"stem: expected a {conv.weight.dim()}-D input with {conv.in_channels} channels (its "
             f"{type(conv).__name__}), got shape {tuple(input.shape)}"
         )
+    require_kernels_for(input.device)
     compute_dtype = autocast_dtype(input)
     conv_weight = conv.weight
     if compute_dtype is not None:

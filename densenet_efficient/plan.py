@@ -5,47 +5,16 @@ that fits (``densenet_efficient.memory.estimate_training_step``)."""
 from __future__ import annotations
 
 import argparse
-import re
 
 import torch
 
 from . import models
+from .arguments import model_name, parse_memory, positive_int
 from .memory import estimate_training_step
 
 MODES = (("naive", False), ("checkpoint", False), ("efficient", False), ("efficient+recompute", True))
 DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_memory(text: str) -> int:
-    """'16GiB', '80 GB', '1.5TiB', '512MiB' or a byte count, as bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"memory must look like 16GiB, 80GB or 512MiB, got {text!r}")
-    value = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"memory must be positive, got {text!r}")
-    return int(value)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
-    return value
-
-
-def model_name(text: str) -> str:
-    try:
-        models.builder(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

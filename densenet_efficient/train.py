@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import data, models
+from .arguments import model_name, non_negative_float, non_negative_int, positive_float, positive_int, probability
 
 CHECKPOINT_FORMAT = 1
 
@@ -37,27 +38,33 @@ class TrainError(ValueError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", default="densenet_bc_100_12", help="a model builder, e.g. densenet_bc_250_24, densenet_bc-40-12")
+    parser.add_argument("--arch", default="densenet_bc_100_12", type=model_name,
+                        help="a model builder, e.g. densenet_bc_250_24, densenet_bc-40-12")
     parser.add_argument("--data", default="digits", choices=["digits", "cifar10", "cifar100"])
     parser.add_argument("--data-dir", help="folder with the python-pickle CIFAR batches")
-    parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=64, help="per process")
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=positive_int, default=300)
+    parser.add_argument("--batch", type=positive_int, default=64, help="per process")
+    parser.add_argument("--lr", type=positive_float, default=0.1)
+    parser.add_argument("--momentum", type=non_negative_float, default=0.9)
+    parser.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
     parser.add_argument("--mode", default="efficient", choices=["naive", "checkpoint", "efficient"])
     parser.add_argument("--recompute-bottleneck", action="store_true")
-    parser.add_argument("--drop-rate", type=float, default=0.0)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--drop-rate", type=probability, default=0.0)
+    parser.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes (default: one per "
+                        "CPU core but one, at most 4)")
+    parser.add_argument("--log-every", type=positive_int, default=50,
+                        help="steps between progress updates (each reads the running loss back from the device)")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (fp16 uses a GradScaler)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--sync-bn", action="store_true", help="batch statistics of the global batch (torchrun)")
-    parser.add_argument("--eval-batch", type=int, default=256)
-    parser.add_argument("--out", help="checkpoint and log folder (default: runs/<arch>-<data>)")
+    parser.add_argument("--eval-batch", type=positive_int, default=256)
+    parser.add_argument("--out", help="checkpoint and log folder (default: runs/<arch>-<data>); one that already "
+                        "holds a run needs --resume or --overwrite")
     parser.add_argument("--resume", help="a checkpoint to continue from")
-    parser.add_argument("--stop-after", type=int, help="stop after this epoch (the schedule still spans --epochs)")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    parser.add_argument("--stop-after", type=positive_int, help="stop after this epoch (the schedule still spans --epochs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -83,19 +90,25 @@ class AugmentedImages(torch.utils.data.Dataset):
         return image, self.images.labels[index]
 
 
-def _train_loader(dataset, batch: int, seed: int, epoch: int, workers: int, distributed: bool):
+def default_workers() -> int:
+    """Loader processes: one per CPU core but one (the training loop's), at most 4."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def _train_loader(dataset, batch: int, seed: int, epoch: int, workers: int, distributed: bool, pin: bool):
     if distributed:
         sampler = torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
     else:
         sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                                       pin_memory=pin)
 
 
-def _test_loader(dataset, batch: int, workers: int, rank: int, world_size: int):
+def _test_loader(dataset, batch: int, workers: int, rank: int, world_size: int, pin: bool):
     # Disjoint shards, unpadded: the summed counts are exact.
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    return torch.utils.data.DataLoader(shard, batch_size=batch, num_workers=workers)
+    return torch.utils.data.DataLoader(shard, batch_size=batch, num_workers=workers, pin_memory=pin)
 
 
 # --- checkpoints ----------------------------------------------------------------
@@ -161,17 +174,23 @@ def load_checkpoint(path: str, arch: str, num_classes: int) -> dict:
 
 
 class Progress:
+    """A progress line on a terminal: steps done, the caller's figures, and
+    the time the epoch still needs at the pace so far."""
+
     def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label, self.last = enabled and sys.stderr.isatty(), total, label, 0.0
+        self.enabled, self.total, self.label = enabled and sys.stderr.isatty(), total, label
+        self.started = time.time()
 
     def show(self, done: int, text: str, final: bool = False) -> None:
-        if not self.enabled or (not final and time.time() - self.last < 0.2):
+        if not self.enabled:
             return
-        self.last = time.time()
+        elapsed = time.time() - self.started
+        remaining = elapsed / max(done, 1) * (self.total - done)
+        clock = f"{elapsed:.0f}s" if final else f"eta {remaining:.0f}s"
         width = 24
         bar = "#" * (width * done // max(self.total, 1))
-        print(f"\r{self.label} [{bar:<{width}}] {done}/{self.total} {text}".ljust(110), end="\n" if final else "",
-              file=sys.stderr, flush=True)
+        print(f"\r{self.label} [{bar:<{width}}] {done}/{self.total} {text} {clock}".ljust(110),
+              end="\n" if final else "", file=sys.stderr, flush=True)
 
 
 def _distributed_setup(device_arg: str):
@@ -198,6 +217,22 @@ def _reduce(values: list[float], device, world_size: int) -> list[float]:
     return tensor.tolist()
 
 
+_RUN_FILES = ("log.jsonl", "checkpoint.pt")
+
+
+def _check_run_directory(out: Path, args: argparse.Namespace) -> None:
+    """A folder that already holds a run is neither appended to nor
+    overwritten unless asked: --resume continues it, --overwrite starts over."""
+    held = [name for name in _RUN_FILES if (out / name).exists()]
+    if held and not (args.resume or args.overwrite):
+        raise TrainError(
+            f"--out {out} already holds a run ({', '.join(held)}); pass --resume {out / 'checkpoint.pt'} to "
+            "continue it, or --overwrite to start over"
+        )
+    if args.resume and args.overwrite:
+        raise TrainError("--resume continues a run and --overwrite starts one over: pass one of them")
+
+
 def run(args: argparse.Namespace) -> dict:
     owns_group = not (dist.is_available() and dist.is_initialized())
     device, rank, world_size = _distributed_setup(args.device)
@@ -212,6 +247,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
     distributed, main_process = world_size > 1, rank == 0
+    out = Path(args.out or f"runs/{args.arch}-{args.data}")
+    _check_run_directory(out, args)
     if args.sync_bn and not distributed:
         print("--sync-bn: a single process already normalises by its whole batch", file=sys.stderr)
     train_set, test_set = data.load(args.data, args.data_dir)
@@ -236,7 +273,6 @@ def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
         optimizer, milestones=[int(0.5 * args.epochs), int(0.75 * args.epochs)], gamma=0.1)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    out = Path(args.out or f"runs/{args.arch}-{args.data}")
     start_epoch = 0
     if args.resume:
         checkpoint = load_checkpoint(args.resume, args.arch, train_set.num_classes)
@@ -251,6 +287,9 @@ def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
     test_images = AugmentedImages(test_set, augment=False, seed=args.seed)
     stats = (train_set.mean, train_set.std)
 
+    workers = default_workers() if args.workers is None else args.workers
+    pin = device.type == "cuda"
+
     def batches(loader):
         for images, labels in loader:
             x = data.normalize(images.to(device, non_blocking=True), *stats).contiguous(memory_format=memory_format)
@@ -263,12 +302,16 @@ def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
     last_epoch = min(args.epochs, args.stop_after or args.epochs)
     for epoch in range(start_epoch, last_epoch):
         train_images.epoch = epoch
-        loader = _train_loader(train_images, args.batch, args.seed, epoch, args.workers, distributed)
+        loader = _train_loader(train_images, args.batch, args.seed, epoch, workers, distributed, pin)
         progress = Progress(main_process and not args.no_progress, len(loader), f"epoch {epoch + 1}/{args.epochs}")
         trained.train()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        started, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        # Running sums stay on the device: read back only every --log-every
+        # steps and at the epoch's end, so steps queue up without waiting.
+        started, seen = time.time(), 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
         for step, (x, y) in enumerate(batches(loader), 1):
             optimizer.zero_grad(set_to_none=True)
             with autocast():
@@ -278,16 +321,18 @@ def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
             scaler.step(optimizer)
             scaler.update()
             seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            memory = f" {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
-            progress.show(step, f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:.1f}% "
-                                f"{seen * world_size / (time.time() - started):.0f} img/s{memory}", final=step == len(loader))
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            final = step == len(loader)
+            if progress.enabled and (final or step % args.log_every == 0):
+                memory = f" {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+                progress.show(step, f"loss {loss_sum.item() / seen:.3f} acc {100 * correct.item() / seen:.1f}% "
+                                    f"{seen * world_size / (time.time() - started):.0f} img/s{memory}", final=final)
         scheduler.step()
         train_seconds = time.time() - started
-        seen, loss_sum, correct = _reduce([seen, loss_sum, correct], device, world_size)
+        seen, loss_sum, correct = _reduce([seen, loss_sum.item(), correct.item()], device, world_size)
         test_loss, test_accuracy = evaluate(
-            trained, batches(_test_loader(test_images, args.eval_batch, args.workers, rank, world_size)),
+            trained, batches(_test_loader(test_images, args.eval_batch, workers, rank, world_size, pin)),
             autocast, device, world_size)
         result = {
             "epoch": epoch + 1,
@@ -302,7 +347,8 @@ def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
         }
         if main_process:
             out.mkdir(parents=True, exist_ok=True)
-            with open(out / "log.jsonl", "a") as log:
+            # A fresh run (--overwrite) starts a fresh log; a resumed one appends.
+            with open(out / "log.jsonl", "a" if args.resume or epoch > start_epoch else "w") as log:
                 log.write(json.dumps(result) + "\n")
             save_atomically({
                 "format": CHECKPOINT_FORMAT, "arch": args.arch, "num_classes": train_set.num_classes,
@@ -310,6 +356,7 @@ def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": _rng_state(),
                 "args": vars(args),
             }, out / "checkpoint.pt")
+            plot_curves(out)
             print(f"epoch {epoch + 1}/{args.epochs}: train loss {result['train_loss']:.4f} "
                   f"acc {100 * result['train_accuracy']:.2f}%, test loss {test_loss:.4f} "
                   f"acc {100 * test_accuracy:.2f}%", flush=True)
@@ -319,15 +366,46 @@ def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
     return result
 
 
+def plot_curves(out: Path) -> Path | None:
+    """curves.png in the run folder: loss and accuracy per epoch, train and
+    test, from log.jsonl (needs matplotlib; without it, no plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    epochs = [entry["epoch"] for entry in log]
+    fig, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "test"):
+        loss_axis.plot(epochs, [entry[f"{split}_loss"] for entry in log], "o-", label=split)
+        accuracy_axis.plot(epochs, [100 * entry[f"{split}_accuracy"] for entry in log], "o-", label=split)
+    for axis, label in ((loss_axis, "loss"), (accuracy_axis, "accuracy %")):
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.suptitle(out.name)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def evaluate(model, batches, autocast, device, world_size) -> tuple[float, float]:
     model.eval()
-    seen, loss_sum, correct = 0, 0.0, 0
+    seen = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
         for x, y in batches:
             with autocast():
                 logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
-    seen, loss_sum, correct = _reduce([seen, loss_sum, correct], device, world_size)
+    seen, loss_sum, correct = _reduce([seen, loss_sum.item(), correct.item()], device, world_size)
     return loss_sum / seen, correct / seen

@@ -11,7 +11,8 @@ import torch
 from densenet_efficient import models
 from densenet_efficient.__main__ import main
 from densenet_efficient.memory import estimate_training_step
-from densenet_efficient.plan import largest_batch, parse_memory
+from densenet_efficient.arguments import parse_memory
+from densenet_efficient.plan import largest_batch
 
 
 def test_bench_smoke_writes_table_json_markdown_and_plots(tmp_path):
@@ -81,13 +82,20 @@ def test_bench_records_a_failed_configuration_and_goes_on():
         (["plan", "--model", "densenet_bc_250_24", "--batch", "-1", "--memory", "16GiB"], "expected a positive whole number, got -1"),
         (["plan", "--model", "vgg16", "--batch", "64", "--memory", "16GiB"], "unknown model 'vgg16'"),
         (["plan", "--model", "densenet121", "--batch", "8"], "the following arguments are required: --memory"),
+        (["train", "--batch", "0"], "argument --batch: expected a positive whole number, got 0"),
+        (["train", "--arch", "densenet_bc-7-8"], "argument --arch: DenseNet-BC depth must be 6n + 4 with n >= 1"),
+        (["train", "--epochs", "two"], "argument --epochs: expected a whole number, got 'two'"),
+        (["train", "--lr", "-0.1"], "argument --lr: expected a positive number, got -0.1"),
+        (["train", "--drop-rate", "1"], "argument --drop-rate: expected a probability in [0, 1), got 1"),
+        (["train", "--workers", "-2"], "argument --workers: expected a whole number >= 0, got -2"),
     ],
 )
-def test_bad_arguments_exit_with_code_2(argv, message, capsys):
+def test_bad_arguments_exit_with_code_2_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
+    err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_parse_memory_units():

@@ -60,7 +60,7 @@ def test_write_renders_every_stage(gpu_suite, tmp_path):
             "sanitizer": {"memcheck": {"rc": 0, "clean": True}, "racecheck": {"rc": 1, "clean": False}},
             "kernels": [kernel, {k: v for k, v in kernel.items() if not k.startswith("aten")}],
             "models": {"rc": 0, "command": "-m densenet_efficient bench", "rows": [bench_row],
-                       "max_batch": {"naive": 64, "efficient": 512}},
+                       "max_batch": {"densenet_bc_190_40": {"naive": 64, "efficient": 512}}},
         },
         "seconds": {"build": 100.0, "tests": 200.0},
     }
@@ -71,5 +71,5 @@ def test_write_renders_every_stage(gpu_suite, tmp_path):
     for expected in ("Some GPU", "commit `abc`", "build 100", "**build**: rc 0 (arch 9.0)", "1 failures",
                      "tests.test_cuda::test_x", "memcheck clean", "racecheck NOT clean (rc 1)",
                      "| bn_relu_out (forward) | 0.500 | 2000 | 80% | batch_norm(training)+relu_ | 0.900 |",
-                     "| densenet_bc-10-4 | 3×8² | 2 | efficient |", "naive 64, efficient 512"):
+                     "| densenet_bc-10-4 | 3×8² | 2 | efficient |", "largest batch that runs, densenet_bc_190_40: naive 64, efficient 512"):
         assert expected in text, expected
