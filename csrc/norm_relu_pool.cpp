@@ -311,6 +311,34 @@ Tensor stem_conv(const Tensor& image, const Tensor& weight, const StemConv& c) {
   return at::convolution(image, weight, std::nullopt, c.stride, c.padding, c.dilation, false, c.output_padding, 1);
 }
 
+// What forward and backward both start from: the arguments checked, and
+// conv0's output (contiguous once, not in each pass over it).
+struct StemStart {
+  StemConv conv;
+  Tensor input;
+  MaxPoolWindow window;
+};
+
+StemStart stem_start(
+    const char* op,
+    const Tensor& image,
+    const Tensor& conv_weight,
+    at::IntArrayRef conv_stride,
+    at::IntArrayRef conv_padding,
+    const Tensor& weight,
+    const Tensor& bias,
+    at::TensorList running_stats,
+    double eps,
+    at::IntArrayRef kernel_size,
+    at::IntArrayRef stride,
+    at::IntArrayRef padding) {
+  auto conv = checked_stem_conv(op, image, conv_weight, conv_stride, conv_padding);
+  auto input = stem_conv(image, conv_weight, conv).contiguous();
+  check_norm_args(op, input, weight, bias, running_stats, eps);
+  auto window = checked_window(op, input, kernel_size, stride, padding);
+  return {std::move(conv), std::move(input), std::move(window)};
+}
+
 // conv0 → norm0 → relu0 → pool0 in one operator that keeps only the image:
 // conv0's output (the largest activation of an ImageNet DenseNet) is
 // computed again in backward, at the cost of one conv0.
@@ -326,11 +354,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_forward(
     at::IntArrayRef kernel_size,
     at::IntArrayRef stride,
     at::IntArrayRef padding) {
-  constexpr const char* op = "stem_forward";
-  const auto conv = checked_stem_conv(op, image, conv_weight, conv_stride, conv_padding);
-  const auto input = stem_conv(image, conv_weight, conv).contiguous();  // once, not in each pass over it
-  check_norm_args(op, input, weight, bias, running_stats, eps);
-  const auto window = checked_window(op, input, kernel_size, stride, padding);
+  const auto [conv, input, window] = stem_start(
+      "stem_forward", image, conv_weight, conv_stride, conv_padding, weight, bias, running_stats, eps,
+      kernel_size, stride, padding);
   const auto stats = batch_or_running_stats(input, running_stats);
   auto output = max_pool_values(bn_relu(input, stats, weight, bias, eps), window);
   auto [mean, var] = returned_stats(input, stats);
@@ -357,12 +383,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_backward(
     const Tensor& batch_var,
     bool image_grad) {
   constexpr const char* op = "stem_backward";
-  const auto conv = checked_stem_conv(op, image, conv_weight, conv_stride, conv_padding);
+  StemConv conv;
   Tensor grad_input, grad_weight, grad_bias;
   {
-    const auto input = stem_conv(image, conv_weight, conv).contiguous();
-    check_norm_args(op, input, weight, bias, running_stats, eps);
-    const auto window = checked_window(op, input, kernel_size, stride, padding);
+    auto start = stem_start(
+        op, image, conv_weight, conv_stride, conv_padding, weight, bias, running_stats, eps, kernel_size,
+        stride, padding);
+    conv = std::move(start.conv);
+    const auto& input = start.input;
+    const auto& window = start.window;
     const auto stats = saved_stats(op, input, running_stats, batch_mean, batch_var);
     Tensor grad_normalized;
     {

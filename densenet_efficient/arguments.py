@@ -28,11 +28,15 @@ class CommandLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _whole_number(text: str) -> int:
+def _parsed(text: str, kind: type, what: str):
     try:
-        return int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _whole_number(text: str) -> int:
+    return _parsed(text, int, "a whole number")
 
 
 def positive_int(text: str) -> int:
@@ -50,10 +54,7 @@ def non_negative_int(text: str) -> int:
 
 
 def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return _parsed(text, float, "a number")
 
 
 def non_negative_float(text: str) -> float:

@@ -21,18 +21,10 @@ from torch import Tensor, nn
 
 from ._ops import ops
 from .build_info import require_kernels_for
-from .functional import autocast_dtype
-from .reference import BATCH_NORM, CONV
+from .functional import _uses_batch_stats, autocast_dtype
+from .reference import AVG_POOL, BATCH_NORM, CONV, MAX_POOL, per_dim
 
 __all__ = ["runs_fused", "stem", "stem_fusable", "transition", "transition_fusable"]
-
-_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
-_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-
-
-def _per_dim(value, dims: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
-
 
 def _spatial_dims_of_norm(norm: nn.Module) -> int | None:
     return next((dims for dims, kind in BATCH_NORM.items() if type(norm) is kind and norm.affine), None)
@@ -58,10 +50,10 @@ def transition_fusable(transition: nn.Module) -> bool:
         and conv.dilation == (1,) * dims
         and conv.groups == 1
         and conv.bias is None
-        and type(pool) is _AVG_POOL[dims]
-        and _per_dim(pool.kernel_size, dims) == (2,) * dims
-        and _per_dim(pool.stride, dims) == (2,) * dims
-        and _per_dim(pool.padding, dims) == (0,) * dims
+        and type(pool) is AVG_POOL[dims]
+        and per_dim(pool.kernel_size, dims) == (2,) * dims
+        and per_dim(pool.stride, dims) == (2,) * dims
+        and per_dim(pool.padding, dims) == (0,) * dims
         and not pool.ceil_mode
         and getattr(pool, "divisor_override", None) is None
     )
@@ -83,15 +75,20 @@ def stem_fusable(conv: nn.Module, norm: nn.Module, relu: nn.Module, pool: nn.Mod
         and not isinstance(conv.padding, str)
         and conv.out_channels == norm.num_features
         and type(relu) is nn.ReLU
-        and type(pool) is _MAX_POOL[dims]
-        and _per_dim(pool.dilation, dims) == (1,) * dims
+        and type(pool) is MAX_POOL[dims]
+        and per_dim(pool.dilation, dims) == (1,) * dims
         and not pool.ceil_mode
         and not pool.return_indices
     )
 
 
-def _uses_batch_stats(norm: nn.Module) -> bool:
-    return norm.training or norm.running_mean is None
+def _in_autocast_dtype(input: Tensor, conv_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Input and convolution weight in the dtype autocast would run the
+    convolution in (as they are without autocast)."""
+    compute_dtype = autocast_dtype(input)
+    if compute_dtype is None:
+        return input, conv_weight
+    return input.to(compute_dtype), conv_weight.to(compute_dtype)
 
 
 def _running_stats(norm: nn.Module) -> list[Tensor]:
@@ -137,10 +134,7 @@ def transition(input: Tensor, transition: nn.Module) -> Tensor:
     norm, conv = transition.norm, transition.conv
     _check_input("transition", input, norm)
     require_kernels_for(input.device)
-    compute_dtype = autocast_dtype(input)
-    conv_weight = conv.weight
-    if compute_dtype is not None:
-        input, conv_weight = input.to(compute_dtype), conv_weight.to(compute_dtype)
+    input, conv_weight = _in_autocast_dtype(input, conv.weight)
     with torch.autocast(input.device.type, enabled=False):
         output, batch_mean, batch_var, count = ops.transition_forward(
             input, norm.weight, norm.bias, _running_stats(norm), float(norm.eps), conv_weight
@@ -160,16 +154,13 @@ def stem(input: Tensor, conv: nn.Module, norm: nn.Module, pool: nn.Module) -> Te
             f"{type(conv).__name__}), got shape {tuple(input.shape)}"
         )
     require_kernels_for(input.device)
-    compute_dtype = autocast_dtype(input)
-    conv_weight = conv.weight
-    if compute_dtype is not None:
-        input, conv_weight = input.to(compute_dtype), conv_weight.to(compute_dtype)
-    kernel = _per_dim(pool.kernel_size, dims)
-    stride = _per_dim(pool.stride if pool.stride is not None else pool.kernel_size, dims)
+    input, conv_weight = _in_autocast_dtype(input, conv.weight)
+    kernel = per_dim(pool.kernel_size, dims)
+    stride = per_dim(pool.stride if pool.stride is not None else pool.kernel_size, dims)
     with torch.autocast(input.device.type, enabled=False):
         output, batch_mean, batch_var, count = ops.stem_forward(
             input, conv_weight, list(conv.stride), list(conv.padding), norm.weight, norm.bias, _running_stats(norm),
-            float(norm.eps), kernel, stride, _per_dim(pool.padding, dims),
+            float(norm.eps), kernel, stride, per_dim(pool.padding, dims),
         )
     _update_running_stats(norm, batch_mean, batch_var, count)
     return output

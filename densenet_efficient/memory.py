@@ -12,6 +12,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.pooling import _AvgPoolNd, _MaxPoolNd
 
+from .reference import per_dim
+
 __all__ = [
     "StepMemory",
     "dense_block_peak_bytes",
@@ -188,10 +190,6 @@ class _Tensor:
         return _Tensor(self.batch, channels or self.channels, self.spatial if spatial is None else spatial)
 
 
-def _per_dim(value, dims: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
-
-
 def _pooled(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
@@ -203,7 +201,7 @@ def _window_output(x: "_Tensor", kernel, stride, padding, dilation=1) -> tuple[i
     return tuple(
         _pooled(size, k, s, p, d)
         for size, k, s, p, d in zip(
-            x.spatial, _per_dim(kernel, dims), _per_dim(stride, dims), _per_dim(padding, dims), _per_dim(dilation, dims)
+            x.spatial, per_dim(kernel, dims), per_dim(stride, dims), per_dim(padding, dims), per_dim(dilation, dims)
         )
     )
 

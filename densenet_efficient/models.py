@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from . import fused
 from .fused import stem_fusable, transition_fusable
 from .modules import DenseBlock, _checked_mode
-from .reference import BATCH_NORM, CONV, checked_spatial_dims
+from .reference import AVG_POOL, BATCH_NORM, CONV, MAX_POOL, checked_spatial_dims
 
 __all__ = [
     "BUILDERS",
@@ -48,12 +48,25 @@ __all__ = [
 _LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _GLOBAL_AVG_POOL = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
 
 
-class Transition(nn.Sequential):
+class _Switchable:
+    """A container that runs fused in efficient mode: a checked `mode`."""
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        self._mode = _checked_mode(mode)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}"
+
+
+class Transition(_Switchable, nn.Sequential):
     """BN-ReLU-Conv1x1 (compression) + 2×2 average pooling (2×2×2 for
     ``spatial_dims=3``): torchvision's and MONAI's ``_Transition``. In
     ``mode="efficient"`` it runs as one operator that keeps only its input
@@ -66,16 +79,8 @@ class Transition(nn.Sequential):
         self.norm = BATCH_NORM[checked_spatial_dims(spatial_dims)](num_input_features)
         self.relu = nn.ReLU(inplace=True)
         self.conv = CONV[spatial_dims](num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = _AVG_POOL[spatial_dims](kernel_size=2, stride=2)
+        self.pool = AVG_POOL[spatial_dims](kernel_size=2, stride=2)
         self.mode = mode
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, mode: str) -> None:
-        self._mode = _checked_mode(mode)
 
     def fused(self) -> bool:
         """Whether forward runs as one operator: efficient mode, and the
@@ -87,11 +92,7 @@ class Transition(nn.Sequential):
             return fused.transition(input, self)
         return super().forward(input)
 
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}"
-
-
-class DenseNetFeatures(nn.Sequential):
+class DenseNetFeatures(_Switchable, nn.Sequential):
     """A DenseNet's feature extractor (``features``: stem, dense blocks,
     transitions, final norm), run as ``nn.Sequential`` but for the stem: in
     ``mode="efficient"`` its conv0-norm0-relu0-pool0 (convolution, BatchNorm,
@@ -101,14 +102,6 @@ class DenseNetFeatures(nn.Sequential):
     def __init__(self, *args, mode: str = "efficient") -> None:
         super().__init__(*args)
         self.mode = mode
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, mode: str) -> None:
-        self._mode = _checked_mode(mode)
 
     def stages(self) -> list[tuple[nn.Module, ...]]:
         """The children in order, one per stage, but a fused stem (conv,
@@ -137,9 +130,6 @@ class DenseNetFeatures(nn.Sequential):
                 for module in stage:
                     input = module(input)
         return input
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}"
 
 
 def _rename_legacy_keys(module, state_dict, prefix, *args) -> None:
@@ -193,7 +183,7 @@ class DenseNet(nn.Module):
                 ("conv0", conv(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
                 ("norm0", norm(num_init_features)),
                 ("relu0", nn.ReLU(inplace=True)),
-                ("pool0", _MAX_POOL[spatial_dims](kernel_size=3, stride=2, padding=1)),
+                ("pool0", MAX_POOL[spatial_dims](kernel_size=3, stride=2, padding=1)),
             ]
         self.features = DenseNetFeatures(OrderedDict(stem), mode=mode)
         num_features = num_init_features

@@ -26,6 +26,13 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
 # The layer types of each spatial rank (spatial_dims 1, 2, 3).
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+AVG_POOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+
+def per_dim(value, dims: int) -> tuple[int, ...]:
+    """A layer's size argument (an int, or one per spatial dimension) as one per dimension."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
 def checked_spatial_dims(spatial_dims: int) -> int:
