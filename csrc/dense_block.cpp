@@ -4,6 +4,7 @@
 #include "per_channel_ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 namespace densenet_efficient::block {
 
@@ -94,8 +95,59 @@ Tensor convolution(const Tensor& input, const Tensor& weight, int64_t padding) {
 }
 } // namespace
 
+namespace {
+// Contiguous [N, C, *spatial] maps as [N, C, plane]. These views run a few
+// times per layer: each is one operator call (as_strided).
+Tensor planes(const Tensor& maps) {
+  TORCH_INTERNAL_ASSERT(maps.is_contiguous());
+  const auto plane = plane_size(maps);
+  return maps.as_strided(
+      {maps.size(0), maps.size(1), plane}, {maps.size(1) * plane, plane, 1}, maps.storage_offset());
+}
+
+// [N, C, *spatial] maps as one [C, N·plane] matrix (a copy).
+Tensor channel_major(const Tensor& maps) {
+  return planes(maps).transpose(0, 1).reshape({maps.size(1), -1});
+}
+
+// A 1×1 weight [C_out, C_in, 1, ...] as the matrix [C_out, C_in] (or its
+// transpose), repeated `batch` times without a copy.
+Tensor batched_weight(const Tensor& weight, int64_t batch, bool transposed) {
+  const auto rows = transposed ? 1 : 0;
+  const auto cols = 1 - rows;
+  return weight.as_strided(
+      {batch, weight.size(rows), weight.size(cols)}, {0, weight.stride(rows), weight.stride(cols)},
+      weight.storage_offset());
+}
+} // namespace
+
 Tensor conv1x1(const Tensor& input, const Tensor& weight) {
-  return convolution(input, weight, 0);
+  auto out = at::empty(
+      maps_shape(input, weight.size(0)), input.options(), at::MemoryFormat::Contiguous);
+  auto out_planes = planes(out);
+  at::bmm_out(out_planes, batched_weight(weight, input.size(0), false), planes(input));
+  return out;
+}
+
+void conv1x1_input_grad_out(const Tensor& grad_output, const Tensor& weight, const Tensor& grad_input) {
+  auto grad_planes = planes(grad_input);
+  at::bmm_out(grad_planes, batched_weight(weight, grad_output.size(0), true), planes(grad_output));
+}
+
+Tensor conv1x1_weight_grad(const Tensor& grad_output, const Tensor& input, const Tensor& weight) {
+  const auto out_channels = weight.size(0);
+  const auto in_channels = weight.size(1);
+  Tensor grad;
+  // dW = Σ_n dy[n] · x[n]ᵀ: the per-sample products [N, C_out, C_in] summed,
+  // which copies no operand, unless those products outweigh copying both
+  // operands into [C, N·plane] matrices for one GEMM (small planes).
+  if (out_channels * in_channels <= (out_channels + in_channels) * plane_size(input)) {
+    const auto products = at::bmm(planes(grad_output), planes(input).transpose(1, 2));
+    grad = products.sum(0, /*keepdim=*/false, at::toOpMathType(products.scalar_type()));
+  } else {
+    grad = at::mm(channel_major(grad_output), channel_major(input).t());
+  }
+  return grad.to(weight.scalar_type()).view(weight.sizes());
 }
 
 Tensor conv3x3(const Tensor& input, const Tensor& weight) {

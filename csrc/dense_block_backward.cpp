@@ -102,12 +102,18 @@ BackwardResult dense_block_backward(
   const auto growth = block.growth_rate;
   const BlockStats stats{batch_mean, batch_var, block.max_in_channels(), block.bottleneck_width};
   const SyncBatchNorm sync{sync_group};
+  // The last layer's new channels feed no later layer: their gradient is
+  // grad_output's own, and the gradient buffer holds the channels some norm1
+  // reads.
   auto grad_features = at::empty(
-      output.sizes(), output.options(), at::MemoryFormat::Contiguous);
-  grad_features.copy_(grad_output);
-  auto norm1_scratch = at::empty(
-      {values_per_channel(output) * block.max_in_channels()}, output.options());
-  auto norm2_out = at::empty(maps_shape(output, block.bottleneck_width), output.options());
+      maps_shape(output, block.max_in_channels()), output.options(), at::MemoryFormat::Contiguous);
+  grad_features.copy_(range_of(grad_output, 1, 0, block.max_in_channels()));
+  auto scratch = at::empty({values_per_channel(output) * block.scratch_channels()}, output.options());
+  // A recomputed bottleneck is computed from norm1's output while norm2's is
+  // needed: then they take two scratches.
+  const auto norm2_scratch = bottlenecks.empty()
+      ? at::empty({values_per_channel(output) * block.bottleneck_width}, output.options())
+      : scratch;
 
   const auto bottleneck_layers = block.has_bottleneck() ? num_layers : 0;
   std::vector<Tensor> grad_norm1_weight(num_layers), grad_norm1_bias(num_layers),
@@ -117,22 +123,28 @@ BackwardResult dense_block_backward(
     const auto& layer = block.layers[l];
     const auto channels = block.in_channels(l);
     // Every later layer has already added its share: this slice is complete.
-    auto grad_new_features = range_of(grad_features, 1, channels, growth);
+    auto grad_new_features = l + 1 == num_layers
+        ? range_of(grad_output, 1, channels, growth)
+        : range_of(grad_features, 1, channels, growth);
     if (dropout_p > 0) {
       grad_new_features =
           dropout_backward(grad_new_features, dropout_masks[l], dropout_p, dropout_whole_channels);
     }
     const auto features = range_of(output, 1, 0, channels);
     const auto norm1 = norm1_normalization(block, l, stats);
-    auto norm1_out = scratch_view(norm1_scratch, maps_shape(output, channels));
-    apply_bn_relu(layer.norm1, norm1, features, norm1_out);
+    const auto norm1_out = scratch_view(scratch, maps_shape(output, channels));
 
     Tensor grad_norm1_out;
     if (block.has_bottleneck()) {
-      const auto bottleneck = bottlenecks.empty()
-          ? conv1x1(norm1_out, layer.conv1_weight)
-          : bottlenecks[l];
+      Tensor bottleneck;
+      if (bottlenecks.empty()) {
+        apply_bn_relu(layer.norm1, norm1, features, norm1_out);
+        bottleneck = conv1x1(norm1_out, layer.conv1_weight);
+      } else {
+        bottleneck = bottlenecks[l];
+      }
       const auto norm2 = norm2_normalization(block, l, stats);
+      const auto norm2_out = scratch_view(norm2_scratch, bottleneck.sizes());
       apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
       auto [grad_norm2_out, grad_conv2] =
           conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
@@ -142,12 +154,19 @@ BackwardResult dense_block_backward(
           : ops::bn_relu_backward(
                 grad_norm2_out, bottleneck, norm2.mean, norm2.var, layer.norm2.weight,
                 layer.norm2.bias, norm2.eps, layer.norm2.uses_batch_stats());
-      std::tie(grad_norm1_out, grad_conv1_weight[l]) =
-          conv_backward(grad_bottleneck, norm1_out, layer.conv1_weight, 0);
+      if (!bottlenecks.empty()) {
+        // norm2's output is spent: norm1's takes the scratch back.
+        apply_bn_relu(layer.norm1, norm1, features, norm1_out);
+      }
+      grad_conv1_weight[l] = conv1x1_weight_grad(grad_bottleneck, norm1_out, layer.conv1_weight);
+      // norm1's output is spent: its scratch takes the input gradient.
+      conv1x1_input_grad_out(grad_bottleneck, layer.conv1_weight, norm1_out);
+      grad_norm1_out = norm1_out;
       grad_norm2_weight[l] = std::move(grad_weight2);
       grad_norm2_bias[l] = std::move(grad_bias2);
       grad_conv2_weight[l] = std::move(grad_conv2);
     } else {
+      apply_bn_relu(layer.norm1, norm1, features, norm1_out);
       std::tie(grad_norm1_out, grad_conv1_weight[l]) =
           conv_backward(grad_new_features, norm1_out, layer.conv1_weight, 1);
     }

@@ -90,7 +90,6 @@ ForwardResult dense_block_forward(
   const SyncBatchNorm sync{sync_group};
 
   const auto num_layers = block.num_layers();
-  const auto growth = block.growth_rate;
   auto output = at::empty(
       maps_shape(input, block.out_channels()), input.options(), at::MemoryFormat::Contiguous);
   const auto math_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
@@ -109,13 +108,12 @@ ForwardResult dense_block_forward(
   const BlockStats* shared_stats = block.any_norm1_batch_stats() ? &stats : nullptr;
   store_features(input, output, 0, shared_stats, sync, count);
 
-  auto norm1_scratch = at::empty({values * block.max_in_channels()}, input.options());
-  auto norm2_out = at::empty(maps_shape(input, block.bottleneck_width), input.options());
+  auto scratch = at::empty({values * block.scratch_channels()}, input.options());
   std::vector<Tensor> bottlenecks, dropout_masks;
   for (const auto l : c10::irange(num_layers)) {
     const auto& layer = block.layers[l];
     const auto channels = block.in_channels(l);
-    auto norm1_out = scratch_view(norm1_scratch, maps_shape(input, channels));
+    const auto norm1_out = scratch_view(scratch, maps_shape(input, channels));
     apply_bn_relu(
         layer.norm1, norm1_normalization(block, l, stats),
         range_of(output, 1, 0, channels), norm1_out);
@@ -129,6 +127,8 @@ ForwardResult dense_block_forward(
           sync.merge(norm2.mean, norm2.var, values, count);
         }
       }
+      // norm1's output is spent: norm2's takes the scratch.
+      const auto norm2_out = scratch_view(scratch, bottleneck.sizes());
       apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
       new_features = conv3x3(norm2_out, layer.conv2_weight);
     } else {

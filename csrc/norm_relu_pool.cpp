@@ -240,11 +240,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_forward(
   const auto pooled = avg_pool(bn_relu(input, stats, weight, bias, eps));
   auto [mean, var] = returned_stats(input, stats);
   // Contiguous whatever the weight's layout, as the fake kernel says.
-  return {conv1x1(pooled, conv_weight).contiguous(), mean, var, values_per_channel_tensor(input)};
+  return {conv1x1(pooled, conv_weight), mean, var, values_per_channel_tensor(input)};
 }
 
 // With z = relu(bn(x)) and y = conv(pool(z)): dW = conv's weight gradient at
-// pool(z), dz = pool_backward(conv_backward(dy)), then BN-ReLU's backward.
+// pool(z), dz = pool_backward(Wᵀ·dy), then BN-ReLU's backward.
 std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
     const Tensor& grad_output,
     const Tensor& input_,
@@ -270,9 +270,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
         grad_output.dim() == input.dim() && grad_output.size(0) == input.size(0) &&
             grad_output.size(1) == conv_weight.size(0) && grad_output.sizes().slice(2) == pooled.sizes().slice(2),
         op, ": grad_output has shape ", grad_output.sizes(), ", expected that of the output");
-    Tensor grad_pooled;
-    std::tie(grad_pooled, grad_conv_weight) = conv_backward(grad_output, pooled, conv_weight, 0);
-    grad_normalized = avg_pool_backward(grad_pooled, input);
+    const auto grad_pooled_output = grad_output.contiguous();
+    grad_conv_weight = conv1x1_weight_grad(grad_pooled_output, pooled, conv_weight);
+    // pooled is spent: it takes its own gradient.
+    conv1x1_input_grad_out(grad_pooled_output, conv_weight, pooled);
+    grad_normalized = avg_pool_backward(pooled, input);
   }
   auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
       grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);

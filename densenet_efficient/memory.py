@@ -80,6 +80,10 @@ class _BlockSizes:
         """Bytes of `channels` feature maps of the whole batch."""
         return self.plane * channels * self.itemsize
 
+    def scratch(self) -> int:
+        """The scratch norm1's and norm2's outputs take turns in."""
+        return self.maps(max(self.max_in, self.width_4k))
+
     def statistics(self) -> int:
         """Batch mean and variance, flat, and the count (one int64)."""
         return 2 * (self.max_in + self.num_layers * self.width_4k) * self.math_itemsize + 8
@@ -147,25 +151,29 @@ def dense_block_peak_bytes(
     parameters, its input and the output gradient — what
     ``torch.cuda.max_memory_allocated`` adds, convolution workspaces aside.
 
-    Backward holds what forward saved, the gradient buffer (as large as the
-    output), the two scratches (the widest norm1 input; one bottleneck) and,
-    in its first (widest) layer, the 3×3 conv's input gradient, the
-    bottleneck gradient and the 1×1 conv's input gradient (plus the
-    recomputed bottleneck and the dropout gradient where they apply), and the
-    parameter gradients. Forward holds the saved tensors and the same two
-    scratches and one layer's new features; backward is the larger.
+    Backward holds what forward saved, the gradient buffer (the channels
+    some norm1 reads), the scratch the BN-ReLU outputs take turns in (the
+    widest norm1 input or one bottleneck; a second, one bottleneck wide, when
+    the bottleneck is recomputed) and, in its first (widest) layer, the 3×3
+    conv's input gradient and the bottleneck gradient (plus the recomputed
+    bottleneck and the dropout gradient where they apply; in plain layers the
+    3×3 conv's input gradient is as wide as the norm1 input), and the
+    parameter gradients. The 1×1 conv's input gradient takes the spent
+    scratch. Forward holds the saved tensors, the scratch and one layer's
+    new features (and a recomputed bottleneck); backward is the larger.
     """
     s = _BlockSizes(input_shape, num_layers, growth_rate, bn_size, dtype)
     saved = dense_block_saved_bytes(
         input_shape, num_layers, growth_rate, bn_size, dtype, drop_rate, recompute_bottleneck, dropout_whole_channels
     )
-    scratches = s.maps(s.max_in) + s.maps(s.width_4k)
-    transients = 2 * s.maps(s.width_4k) + s.maps(s.max_in)
+    scratches = s.scratch()
+    transients = 2 * s.maps(s.width_4k) if s.width_4k else s.maps(s.max_in)
     if recompute_bottleneck:
+        scratches += s.maps(s.width_4k)
         transients += s.maps(s.width_4k)
     if drop_rate > 0:
         transients += s.maps(growth_rate)
-    return saved + s.maps(s.out_channels) + scratches + transients + s.parameters()
+    return saved + s.maps(s.max_in) + scratches + transients + s.parameters()
 
 
 # --- whole models ---------------------------------------------------------
@@ -383,15 +391,15 @@ def _block_transients(block, x: _Tensor, itemsize: int, math_itemsize: int) -> t
     max_in = out_channels - growth
     maps = lambda channels: x.batch * _numel(x.spatial) * channels * itemsize  # noqa: E731
     if block.mode == "efficient":
-        # Forward: the two scratches and one layer's new features. Backward
-        # (dense_block_peak_bytes less what is saved and the parameter
-        # gradients): the output gradient autograd hands in, the gradient
-        # buffer, the scratches and one layer's gradients.
+        # Forward: the scratch, one layer's new features and a recomputed
+        # bottleneck. Backward (dense_block_peak_bytes less what is saved and
+        # the parameter gradients): the output gradient autograd hands in,
+        # the gradient buffer, the scratches and one layer's gradients.
         dtype = _dtype_of(itemsize, math_itemsize)
         args = (x.shape, len(layers), growth, width_4k // growth, dtype, layers[0].drop_rate,
                 block.recompute_bottleneck, bool(getattr(layers[0], "drops_whole_channels", False)))
         sizes = _BlockSizes(*args[:5])
-        forward = maps(max_in) + maps(width_4k) + maps(growth)
+        forward = sizes.scratch() + maps(growth) + (maps(width_4k) if block.recompute_bottleneck else 0)
         backward = dense_block_peak_bytes(*args) - dense_block_saved_bytes(*args) - sizes.parameters()
         return forward, backward + maps(out_channels)
     # torch.cat keeps every new feature map alive next to the concatenation;

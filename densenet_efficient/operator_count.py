@@ -7,12 +7,13 @@ differ only in depth and divides the difference by the difference in layers,
 so per-block costs (allocating the buffers, the running-statistics update)
 drop out. It reports:
 
-* ``compute``: operators that compute something, convolutions aside: the
-  innermost non-view, non-allocation operators (a composite such as
-  ``aten::zeros`` counts as the ``zero_`` it runs), with everything inside a
-  convolution left out (that is cuDNN's or oneDNN's business);
+* ``compute``: operators that compute something, convolutions and GEMMs
+  aside: the innermost non-view, non-allocation operators (a composite such
+  as ``aten::zeros`` counts as the ``zero_`` it runs), with everything inside
+  a convolution or a matrix product left out (that is cuDNN's, cuBLAS's or
+  oneDNN's business; the 1×1 convolutions run as batched GEMMs);
 * ``dispatcher``: every operator call the dispatcher records, views,
-  allocations and convolution internals included;
+  allocations and library internals included;
 * ``by_name``: the compute operators per layer by name.
 """
 
@@ -42,15 +43,19 @@ def _is_dispatcher_op(name: str) -> bool:
     return "::" in name and not name.startswith(("autograd::", "torch::autograd"))
 
 
-def _is_convolution(name: str) -> bool:
-    return "convolution" in name or name.startswith("aten::conv")
+_MATRIX_PRODUCTS = frozenset({"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul"})
+
+
+def _is_library_kernel(name: str) -> bool:
+    """A convolution or a matrix product."""
+    return "convolution" in name or name.startswith("aten::conv") or name in _MATRIX_PRODUCTS
 
 
 def _compute_leaves(event, found: collections.Counter) -> bool:
     """Counts the innermost compute operators under `event`; returns whether
     there was any."""
-    if _is_convolution(event.name):
-        return True  # counted as the convolution, not here
+    if _is_library_kernel(event.name):
+        return True  # the library's, not counted here
     below = False
     for child in event.cpu_children:
         below |= _compute_leaves(child, found)
