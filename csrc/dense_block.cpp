@@ -113,15 +113,49 @@ Tensor channel_major(const Tensor& maps) {
 // A 1×1 weight [C_out, C_in, 1, ...] as the matrix [C_out, C_in] (or its
 // transpose), repeated `batch` times without a copy.
 Tensor batched_weight(const Tensor& weight, int64_t batch, bool transposed) {
+  if (weight.stride(0) != 1 && weight.stride(1) != 1) {
+    // Neither row- nor column-major: the GEMM would copy every repeat.
+    return batched_weight(weight.contiguous(), batch, transposed);
+  }
   const auto rows = transposed ? 1 : 0;
   const auto cols = 1 - rows;
   return weight.as_strided(
       {batch, weight.size(rows), weight.size(cols)}, {0, weight.stride(rows), weight.stride(cols)},
       weight.storage_offset());
 }
+
+// Whether a 1×1 convolution runs as GEMMs: on the CPU, where that is measured
+// to win (see dense_block.h). On CUDA cuDNN keeps it: its 1×1 convolutions
+// follow torch.backends.cudnn.allow_tf32 (on by default) as the user's other
+// convolutions do, while cuBLAS GEMMs follow the matmul precision (full fp32
+// by default), and no GPU measurement says the GEMMs win there.
+bool runs_as_gemm(const Tensor& t) {
+  return t.device().is_cpu();
+}
+
+// dW = Σ_n dy[n] · x[n]ᵀ: the per-sample products [N, C_out, C_in] summed,
+// which copies no operand, unless those products outweigh copying both
+// operands into [C, N·plane] matrices for one GEMM (small planes), or the
+// dtype is half/bfloat16 (one GEMM rounds once).
+Tensor conv1x1_weight_grad(const Tensor& grad_output, const Tensor& input, const Tensor& weight) {
+  const auto out_channels = weight.size(0);
+  const auto in_channels = weight.size(1);
+  const bool reduced_precision = at::toOpMathType(input.scalar_type()) != input.scalar_type();
+  Tensor grad;
+  if (!reduced_precision &&
+      out_channels * in_channels <= (out_channels + in_channels) * plane_size(input)) {
+    grad = at::bmm(planes(grad_output), planes(input).transpose(1, 2)).sum(0);
+  } else {
+    grad = at::mm(channel_major(grad_output), channel_major(input).t());
+  }
+  return grad.view(weight.sizes());
+}
 } // namespace
 
 Tensor conv1x1(const Tensor& input, const Tensor& weight) {
+  if (!runs_as_gemm(input)) {
+    return convolution(input, weight, 0);
+  }
   auto out = at::empty(
       maps_shape(input, weight.size(0)), input.options(), at::MemoryFormat::Contiguous);
   auto out_planes = planes(out);
@@ -129,25 +163,19 @@ Tensor conv1x1(const Tensor& input, const Tensor& weight) {
   return out;
 }
 
-void conv1x1_input_grad_out(const Tensor& grad_output, const Tensor& weight, const Tensor& grad_input) {
-  auto grad_planes = planes(grad_input);
-  at::bmm_out(grad_planes, batched_weight(weight, grad_output.size(0), true), planes(grad_output));
-}
-
-Tensor conv1x1_weight_grad(const Tensor& grad_output, const Tensor& input, const Tensor& weight) {
-  const auto out_channels = weight.size(0);
-  const auto in_channels = weight.size(1);
-  Tensor grad;
-  // dW = Σ_n dy[n] · x[n]ᵀ: the per-sample products [N, C_out, C_in] summed,
-  // which copies no operand, unless those products outweigh copying both
-  // operands into [C, N·plane] matrices for one GEMM (small planes).
-  if (out_channels * in_channels <= (out_channels + in_channels) * plane_size(input)) {
-    const auto products = at::bmm(planes(grad_output), planes(input).transpose(1, 2));
-    grad = products.sum(0, /*keepdim=*/false, at::toOpMathType(products.scalar_type()));
-  } else {
-    grad = at::mm(channel_major(grad_output), channel_major(input).t());
+std::tuple<Tensor, Tensor> conv1x1_backward_over_input(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& weight) {
+  if (!runs_as_gemm(input)) {
+    return conv_backward(grad_output, input, weight, 0);
   }
-  return grad.to(weight.scalar_type()).view(weight.sizes());
+  const auto grad_output_planes = planes(grad_output);
+  auto grad_weight = conv1x1_weight_grad(grad_output, input, weight);
+  // The input is spent: its storage takes the input gradient, Wᵀ·dy[n].
+  auto grad_input = planes(input);
+  at::bmm_out(grad_input, batched_weight(weight, input.size(0), true), grad_output_planes);
+  return {input, grad_weight};
 }
 
 Tensor conv3x3(const Tensor& input, const Tensor& weight) {

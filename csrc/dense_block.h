@@ -161,15 +161,20 @@ Tensor conv1x1(const Tensor& input, const Tensor& weight);
 Tensor conv3x3(const Tensor& input, const Tensor& weight);
 
 // The 1×1 convolution is one GEMM per sample over the plane, out[n] = W·in[n]
-// with W viewed as [C_out, C_in]; conv1x1 and its gradients run as such
-// (at::bmm, the weight shared across the batch). Then the input gradient goes
-// where the caller says (backward puts it into a spent scratch), and on CPU no
-// operand is copied into oneDNN's layouts: for densenet121's first block at
-// batch 16 that copying tripled the time and added 34 MiB of transients.
-// They take contiguous maps; conv1x1_input_grad_out writes Wᵀ·dy[n] into
-// `grad_input`.
-void conv1x1_input_grad_out(const Tensor& grad_output, const Tensor& weight, const Tensor& grad_input);
-Tensor conv1x1_weight_grad(const Tensor& grad_output, const Tensor& input, const Tensor& weight);
+// with W viewed as [C_out, C_in]. On the CPU conv1x1 and its backward run as
+// such (at::bmm, the weight shared across the batch by a zero stride): then
+// the input gradient can go where the caller says, and no operand is copied
+// into oneDNN's layouts (for densenet121's first block at batch 16 that
+// copying tripled the backward's time and added 34 MiB of transients). On
+// CUDA they are cuDNN convolutions (dense_block.cpp says why).
+//
+// Gradients of conv1x1 w.r.t. its input and weight, for an input that is
+// spent: on the CPU the input gradient is written over the input (which must
+// be contiguous), elsewhere it is a new tensor.
+std::tuple<Tensor, Tensor> conv1x1_backward_over_input(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& weight);
 
 // Gradients of a bias-free, stride-1 convolution w.r.t. its input and weight.
 std::tuple<Tensor, Tensor> conv_backward(

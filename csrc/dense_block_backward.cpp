@@ -66,6 +66,10 @@ BackwardResult dense_block_backward(
   TORCH_CHECK_VALUE(
       grad_output.sizes() == output.sizes(), op, ": grad_output has shape ",
       grad_output.sizes(), " but the block output has shape ", output.sizes());
+  TORCH_CHECK_TYPE(
+      grad_output.scalar_type() == output.scalar_type() && grad_output.device() == output.device(), op,
+      ": expected grad_output of dtype ", output.scalar_type(), " on ", output.device(), " like the output, got ",
+      grad_output.scalar_type(), " on ", grad_output.device());
   TORCH_CHECK_VALUE(
       bottlenecks.empty() ||
           static_cast<int64_t>(bottlenecks.size()) == num_layers,
@@ -108,10 +112,13 @@ BackwardResult dense_block_backward(
   auto grad_features = at::empty(
       maps_shape(output, block.max_in_channels()), output.options(), at::MemoryFormat::Contiguous);
   grad_features.copy_(range_of(grad_output, 1, 0, block.max_in_channels()));
-  auto scratch = at::empty({values_per_channel(output) * block.scratch_channels()}, output.options());
   // A recomputed bottleneck is computed from norm1's output while norm2's is
   // needed: then they take two scratches.
-  const auto norm2_scratch = bottlenecks.empty()
+  const bool recompute = bottlenecks.empty();
+  const auto scratch = at::empty(
+      {values_per_channel(output) * (recompute ? block.max_in_channels() : block.scratch_channels())},
+      output.options());
+  const auto norm2_scratch = recompute
       ? at::empty({values_per_channel(output) * block.bottleneck_width}, output.options())
       : scratch;
 
@@ -136,35 +143,38 @@ BackwardResult dense_block_backward(
 
     Tensor grad_norm1_out;
     if (block.has_bottleneck()) {
-      Tensor bottleneck;
-      if (bottlenecks.empty()) {
-        apply_bn_relu(layer.norm1, norm1, features, norm1_out);
-        bottleneck = conv1x1(norm1_out, layer.conv1_weight);
-      } else {
-        bottleneck = bottlenecks[l];
+      Tensor grad_bottleneck;
+      {
+        // A recomputed bottleneck, norm2's output gradient and norm2's output
+        // die with this scope, before the 1×1 convolution's backward.
+        Tensor bottleneck;
+        if (recompute) {
+          apply_bn_relu(layer.norm1, norm1, features, norm1_out);
+          bottleneck = conv1x1(norm1_out, layer.conv1_weight);
+        } else {
+          bottleneck = bottlenecks[l];
+        }
+        const auto norm2 = norm2_normalization(block, l, stats);
+        const auto norm2_out = scratch_view(norm2_scratch, bottleneck.sizes());
+        apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
+        Tensor grad_norm2_out;
+        std::tie(grad_norm2_out, grad_conv2_weight[l]) =
+            conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
+        std::tie(grad_bottleneck, grad_norm2_weight[l], grad_norm2_bias[l]) =
+            sync.enabled() && layer.norm2.uses_batch_stats()
+            ? sync.bn_relu_backward(grad_norm2_out, bottleneck, norm2, layer.norm2, count)
+            : ops::bn_relu_backward(
+                  grad_norm2_out, bottleneck, norm2.mean, norm2.var, layer.norm2.weight,
+                  layer.norm2.bias, norm2.eps, layer.norm2.uses_batch_stats());
       }
-      const auto norm2 = norm2_normalization(block, l, stats);
-      const auto norm2_out = scratch_view(norm2_scratch, bottleneck.sizes());
-      apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
-      auto [grad_norm2_out, grad_conv2] =
-          conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
-      auto [grad_bottleneck, grad_weight2, grad_bias2] =
-          sync.enabled() && layer.norm2.uses_batch_stats()
-          ? sync.bn_relu_backward(grad_norm2_out, bottleneck, norm2, layer.norm2, count)
-          : ops::bn_relu_backward(
-                grad_norm2_out, bottleneck, norm2.mean, norm2.var, layer.norm2.weight,
-                layer.norm2.bias, norm2.eps, layer.norm2.uses_batch_stats());
-      if (!bottlenecks.empty()) {
+      if (!recompute) {
         // norm2's output is spent: norm1's takes the scratch back.
         apply_bn_relu(layer.norm1, norm1, features, norm1_out);
       }
-      grad_conv1_weight[l] = conv1x1_weight_grad(grad_bottleneck, norm1_out, layer.conv1_weight);
-      // norm1's output is spent: its scratch takes the input gradient.
-      conv1x1_input_grad_out(grad_bottleneck, layer.conv1_weight, norm1_out);
-      grad_norm1_out = norm1_out;
-      grad_norm2_weight[l] = std::move(grad_weight2);
-      grad_norm2_bias[l] = std::move(grad_bias2);
-      grad_conv2_weight[l] = std::move(grad_conv2);
+      // norm1's output is spent after this: on the CPU its scratch takes the
+      // input gradient.
+      std::tie(grad_norm1_out, grad_conv1_weight[l]) =
+          conv1x1_backward_over_input(grad_bottleneck, norm1_out, layer.conv1_weight);
     } else {
       apply_bn_relu(layer.norm1, norm1, features, norm1_out);
       std::tie(grad_norm1_out, grad_conv1_weight[l]) =

@@ -270,11 +270,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
         grad_output.dim() == input.dim() && grad_output.size(0) == input.size(0) &&
             grad_output.size(1) == conv_weight.size(0) && grad_output.sizes().slice(2) == pooled.sizes().slice(2),
         op, ": grad_output has shape ", grad_output.sizes(), ", expected that of the output");
-    const auto grad_pooled_output = grad_output.contiguous();
-    grad_conv_weight = conv1x1_weight_grad(grad_pooled_output, pooled, conv_weight);
-    // pooled is spent: it takes its own gradient.
-    conv1x1_input_grad_out(grad_pooled_output, conv_weight, pooled);
-    grad_normalized = avg_pool_backward(pooled, input);
+    Tensor grad_pooled;
+    std::tie(grad_pooled, grad_conv_weight) =
+        conv1x1_backward_over_input(grad_output.contiguous(), pooled, conv_weight);
+    grad_normalized = avg_pool_backward(grad_pooled, input);
   }
   auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
       grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);

@@ -81,7 +81,8 @@ class _BlockSizes:
         return self.plane * channels * self.itemsize
 
     def scratch(self) -> int:
-        """The scratch norm1's and norm2's outputs take turns in."""
+        """The scratch norm1's and norm2's outputs take turns in (the
+        bottleneck kept)."""
         return self.maps(max(self.max_in, self.width_4k))
 
     def statistics(self) -> int:
@@ -153,24 +154,28 @@ def dense_block_peak_bytes(
 
     Backward holds what forward saved, the gradient buffer (the channels
     some norm1 reads), the scratch the BN-ReLU outputs take turns in (the
-    widest norm1 input or one bottleneck; a second, one bottleneck wide, when
-    the bottleneck is recomputed) and, in its first (widest) layer, the 3×3
-    conv's input gradient and the bottleneck gradient (plus the recomputed
-    bottleneck and the dropout gradient where they apply; in plain layers the
-    3×3 conv's input gradient is as wide as the norm1 input), and the
-    parameter gradients. The 1×1 conv's input gradient takes the spent
-    scratch. Forward holds the saved tensors, the scratch and one layer's
-    new features (and a recomputed bottleneck); backward is the larger.
+    widest norm1 input or one bottleneck; with a recomputed bottleneck two,
+    one of each width), the parameter gradients and, in its first (widest)
+    layer, the larger of two moments: the 3×3 conv's input gradient with the
+    bottleneck gradient (and the recomputed bottleneck), then the bottleneck
+    gradient with the 1×1 conv's input gradient (on CUDA a new tensor; on the
+    CPU it takes the spent scratch). Plain layers hold the 3×3 conv's input
+    gradient, as wide as the norm1 input; dropout adds its gradient. Forward
+    holds the saved tensors, the scratch and one layer's new features (and a
+    recomputed bottleneck); backward is the larger.
     """
     s = _BlockSizes(input_shape, num_layers, growth_rate, bn_size, dtype)
     saved = dense_block_saved_bytes(
         input_shape, num_layers, growth_rate, bn_size, dtype, drop_rate, recompute_bottleneck, dropout_whole_channels
     )
-    scratches = s.scratch()
-    transients = 2 * s.maps(s.width_4k) if s.width_4k else s.maps(s.max_in)
-    if recompute_bottleneck:
-        scratches += s.maps(s.width_4k)
-        transients += s.maps(s.width_4k)
+    if not s.width_4k:
+        scratches, transients = s.maps(s.max_in), s.maps(s.max_in)
+    elif recompute_bottleneck:
+        scratches = s.maps(s.max_in) + s.maps(s.width_4k)
+        transients = max(3 * s.maps(s.width_4k), s.maps(s.width_4k) + s.maps(s.max_in))
+    else:
+        scratches = s.scratch()
+        transients = max(2 * s.maps(s.width_4k), s.maps(s.width_4k) + s.maps(s.max_in))
     if drop_rate > 0:
         transients += s.maps(growth_rate)
     return saved + s.maps(s.max_in) + scratches + transients + s.parameters()
@@ -399,7 +404,9 @@ def _block_transients(block, x: _Tensor, itemsize: int, math_itemsize: int) -> t
         args = (x.shape, len(layers), growth, width_4k // growth, dtype, layers[0].drop_rate,
                 block.recompute_bottleneck, bool(getattr(layers[0], "drops_whole_channels", False)))
         sizes = _BlockSizes(*args[:5])
-        forward = sizes.scratch() + maps(growth) + (maps(width_4k) if block.recompute_bottleneck else 0)
+        forward = sizes.scratch() + maps(growth)
+        if block.recompute_bottleneck:
+            forward += maps(width_4k)  # the bottleneck, not kept
         backward = dense_block_peak_bytes(*args) - dense_block_saved_bytes(*args) - sizes.parameters()
         return forward, backward + maps(out_channels)
     # torch.cat keeps every new feature map alive next to the concatenation;

@@ -118,15 +118,16 @@ def test_float32_error_within_twice_pytorchs_own(training):
         assert err <= 2 * naive_err[name] + floor, f"{name}: {err:.3g} vs naive {naive_err[name]:.3g}"
 
 
-@pytest.mark.parametrize(
-    "make_input",
-    [
-        pytest.param(lambda x: x.contiguous(memory_format=torch.channels_last), id="channels_last"),
-        pytest.param(lambda x: x.transpose(2, 3).contiguous().transpose(2, 3), id="transposed-HW"),
-        pytest.param(lambda x: torch.stack([x, torch.zeros_like(x)], 2)[:, :, 0], id="channel-strided"),
-        pytest.param(lambda x: x[:1].expand(3, -1, -1, -1), id="expanded-batch"),
-    ],
-)
+# The same values in other layouts (for tensors whose samples are identical).
+LAYOUTS = [
+    pytest.param(lambda x: x.contiguous(memory_format=torch.channels_last), id="channels_last"),
+    pytest.param(lambda x: x.transpose(2, 3).contiguous().transpose(2, 3), id="transposed-HW"),
+    pytest.param(lambda x: torch.stack([x, torch.zeros_like(x)], 2)[:, :, 0], id="channel-strided"),
+    pytest.param(lambda x: x[:1].expand(3, -1, -1, -1), id="expanded-batch"),
+]
+
+
+@pytest.mark.parametrize("make_input", LAYOUTS)
 def test_layouts_give_the_same_result(make_input):
     # Identical samples, so that the batch can also be a stride-0 expansion.
     base = torch.randn(1, 5, 4, 6, dtype=torch.float64).expand(3, -1, -1, -1).contiguous()
@@ -135,6 +136,19 @@ def test_layouts_give_the_same_result(make_input):
     assert torch.equal(unusual, base) and unusual.stride() != base.stride()
     expected = step_results(make_pair(3, 5, 2)[0], base, grad)
     assert_results_close(step_results(make_pair(3, 5, 2)[0], unusual, grad), expected, FLOAT64_TOL)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep-bottleneck", "recompute"])
+@pytest.mark.parametrize("make_grad", LAYOUTS)
+def test_output_gradient_layouts_give_the_same_result(make_grad, recompute):
+    # The last layer reads its gradient straight from the output gradient.
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64)
+    grad = torch.randn(1, 11, 4, 6, dtype=torch.float64).expand(3, -1, -1, -1).contiguous()
+    unusual = make_grad(grad)
+    assert torch.equal(unusual, grad) and unusual.stride() != grad.stride()
+    expected = step_results(make_pair(3, 5, 2, recompute_bottleneck=recompute)[0], x, grad)
+    got = step_results(make_pair(3, 5, 2, recompute_bottleneck=recompute)[0], x, unusual)
+    assert_results_close(got, expected, FLOAT64_TOL)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -445,6 +445,9 @@ def test_channel_dropout_draws_what_feature_dropout_draws():
                     dropout_masks=[torch.ones(2, 2, 3, 3, dtype=torch.bool)] * 2)
     with pytest.raises(ValueError, match=r"expected dropout masks of shape \[2, 2, 1, 1\] and dtype Double, got \[2, 2, 3, 3\] and Bool"):
         ops.dense_block_backward(**backward)
+    backward.update(grad_output=torch.randn_like(results["output"], dtype=torch.float32), dropout_masks=masks)
+    with pytest.raises(TypeError, match=r"expected grad_output of dtype Double on cpu like the output, got Float on cpu"):
+        ops.dense_block_backward(**backward)
 
 
 def test_block_ops_take_and_give_arguments_by_name():
