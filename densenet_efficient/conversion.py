@@ -55,7 +55,9 @@ def convert(model: nn.Module, mode: str = "efficient", recompute_bottleneck: boo
     mode="naive")`` gives back the original computation.
 
     The transitions (torchvision's and MONAI's ``_Transition``: norm, relu,
-    conv, pool) become our ``Transition`` and a plain ``nn.Sequential`` that
+    conv, pool; timm's ``DenseTransition`` with a BatchNorm-ReLU norm and
+    average pooling, its norm split into a BatchNorm on the same tensors and
+    a ReLU) become our ``Transition`` and a plain ``nn.Sequential`` that
     holds dense blocks (a ``features``) our ``DenseNetFeatures``, around the
     same modules and in the same mode: in efficient mode each transition and
     the stem's norm0-relu0-pool0 then run as one operator keeping only its
@@ -82,7 +84,7 @@ def convert(model: nn.Module, mode: str = "efficient", recompute_bottleneck: boo
     if "" in replacements:
         return replacements[""]
     _replace(model, replacements)
-    _replace(model, {path: _as_container(module, Transition, mode) for path, module in _transitions(model)})
+    _replace(model, {path: _as_container(module, Transition, mode, parts) for path, module, parts in _transitions(model)})
     _replace(model, {path: _as_container(module, DenseNetFeatures, mode) for path, module in _features(model)})
     return model
 
@@ -94,15 +96,15 @@ def _replace(model: nn.Module, replacements: dict[str, nn.Module]) -> None:
         setattr(parent, name, new)
 
 
-_TRANSITION_PARTS = ["norm", "relu", "conv", "pool"]
-
-
-def _transitions(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    classes = tuple(c for adapter in ADAPTERS for c in adapter.transition_classes())
-    return [
-        (path, module) for path, module in model.named_modules()
-        if path and type(module) in classes and [name for name, _ in module.named_children()] == _TRANSITION_PARTS
-    ]
+def _transitions(model: nn.Module) -> list[tuple[str, nn.Module, OrderedDict]]:
+    """(path, transition, its parts as norm, relu, conv, pool) for every
+    transition an adapter knows."""
+    found = []
+    for path, module in model.named_modules():
+        parts = next((p for adapter in ADAPTERS if (p := adapter.transition_parts(module)) is not None), None)
+        if path and parts is not None:
+            found.append((path, module, parts))
+    return found
 
 
 def _features(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -114,13 +116,14 @@ def _features(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def _as_container(module: nn.Module, kind: type, mode: str) -> nn.Module:
-    """A `kind` (a Sequential with a mode) holding `module`'s very children."""
+def _as_container(module: nn.Module, kind: type, mode: str, parts: OrderedDict | None = None) -> nn.Module:
+    """A `kind` (a Sequential with a mode) holding `parts`, by default
+    `module`'s very children."""
     if type(module) is kind:
         module.mode = mode
         return module
     container = kind.__new__(kind)
-    nn.Sequential.__init__(container, OrderedDict(module.named_children()))
+    nn.Sequential.__init__(container, parts if parts is not None else OrderedDict(module.named_children()))
     container.training = module.training  # its children keep their own train/eval flags
     for name, hooks in vars(module).items():  # the user's hooks on the container go along
         if "hooks" in name and isinstance(hooks, dict):

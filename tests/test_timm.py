@@ -53,6 +53,33 @@ def test_converted_timm_model_computes_what_timm_computes(name, recompute):
         assert_results_close(step_results(converted, x, grad), step_results(original, x, grad), 1e-10)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_converted_timm_transitions_run_as_one_operator_keeping_their_input(training):
+    """timm's DenseTransition (BatchNormAct2d with a ReLU, conv, average
+    pool) becomes our Transition on the same tensors: fused in efficient
+    mode, it keeps only its input and two per-channel vectors."""
+    original = _model("densenet121", dtype=torch.float32)
+    norm = original.features.transition1.norm
+    model = de.convert(original)
+    transitions = [m for name, m in model.features.named_children() if name.startswith("transition")]
+    assert len(transitions) == 3 and all(isinstance(t, de.models.Transition) and t.fused() for t in transitions)
+    transition = model.features.transition1.train(training)
+    assert transition.norm.weight is norm.weight and transition.norm.running_var is norm.running_var
+    x = torch.randn(2, transition.norm.num_features, 8, 8, requires_grad=True)
+    _, saved = de.memory.saved_tensor_bytes(transition, x, ignore=[*transition.parameters(), *transition.buffers()])
+    assert saved == x.numel() * 4 + (2 * x.shape[1] * 4 if training else 0)
+
+
+def test_timm_transitions_of_another_layout_stay_as_they_are():
+    model = _model("densenet121", dtype=torch.float32)
+    model.features.transition1.norm.act = nn.SiLU()
+    model.features.transition2.pool = nn.MaxPool2d(2, 2)
+    converted = de.convert(model)
+    assert type(converted.features.transition1).__name__ == "DenseTransition"
+    assert type(converted.features.transition2).__name__ == "DenseTransition"
+    assert isinstance(converted.features.transition3, de.models.Transition)
+
+
 def test_naive_mode_gives_back_timms_computation():
     original = _model("densenet121")
     converted = de.convert(copy.deepcopy(original), mode="naive")

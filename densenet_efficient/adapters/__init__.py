@@ -7,8 +7,10 @@ dense blocks: one small module per library. Each has
   block cannot be converted; changes nothing;
 * ``dense_layers(block, mode)``: the block's layers as our ``DenseLayer``s
   built around the very same Parameter and buffer objects, in order;
-* ``transition_classes()``: its transition classes that hold norm, relu,
-  conv and pool (BN-ReLU-Conv1x1-AvgPool), which become our ``Transition``.
+* ``transition_parts(module)``: when `module` is one of its transitions
+  (BN-ReLU-Conv1x1-AvgPool), its parts as norm, relu, conv and pool (the
+  same modules, or a BatchNorm on the same tensors and a ReLU where the
+  library fuses the two), which become our ``Transition``; else None.
 """
 
 from . import monai, timm, torchvision

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 from .. import functional
@@ -38,3 +40,13 @@ def library_layers(path: str, block: nn.Module, layer_class: type, description: 
             raise ValueError(f"convert: {where} is a {type(layer).__qualname__}, not {description}; the model is unchanged")
         checked.append((where, layer))
     return checked
+
+
+TRANSITION_PARTS = ("norm", "relu", "conv", "pool")
+
+
+def parts_in_our_layout(module: nn.Module, classes: tuple[type, ...]) -> OrderedDict | None:
+    """`module`'s children when it is one of `classes` and holds norm, relu,
+    conv and pool, in that order (torchvision's and MONAI's transitions)."""
+    parts = OrderedDict(module.named_children())
+    return parts if type(module) in classes and tuple(parts) == TRANSITION_PARTS else None

@@ -16,11 +16,12 @@ values for 1 (Dropout)."""
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 from torch import Tensor, nn
 
 from ..modules import DenseLayer
-from .common import check_layer_for_mode, library_layers
+from .common import check_layer_for_mode, library_layers, parts_in_our_layout
 
 _PARTS = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
 _CHANNEL_DROPOUT = (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
@@ -39,12 +40,12 @@ def block_classes() -> tuple[type, ...]:
     return (classes[0],) if classes else ()
 
 
-def transition_classes() -> tuple[type, ...]:
+def transition_parts(module: nn.Module) -> OrderedDict | None:
     if _monai_classes() is None:
-        return ()
+        return None
     from monai.networks.nets.densenet import _Transition
 
-    return (_Transition,)
+    return parts_in_our_layout(module, (_Transition,))
 
 
 class SequentialDenseLayer(DenseLayer):

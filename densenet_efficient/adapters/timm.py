@@ -8,6 +8,8 @@ state_dict keys stay those of the norm)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 from ..modules import DenseLayer
@@ -31,8 +33,24 @@ def block_classes() -> tuple[type, ...]:
     return (classes[0],) if classes else ()
 
 
-def transition_classes() -> tuple[type, ...]:
-    return ()  # timm's DenseTransition norms are BatchNormAct2d: left as they are
+def transition_parts(module: nn.Module) -> OrderedDict | None:
+    """A DenseTransition (norm, conv, pool) whose norm is BatchNorm-ReLU
+    and whose pool averages: as norm (a plain BatchNorm on the same
+    tensors), relu, conv and pool. Others (a blur pool, another activation)
+    stay as they are."""
+    try:
+        from timm.models.densenet import DenseTransition
+    except ImportError:
+        return None
+    children = OrderedDict(module.named_children())
+    if type(module) is not DenseTransition or tuple(children) != ("norm", "conv", "pool"):
+        return None
+    norm = children["norm"]
+    if type(norm) is not _timm_classes()[2] or type(norm.act) is not nn.ReLU or not isinstance(norm.drop, nn.Identity):
+        return None
+    if type(children["pool"]) is not nn.AvgPool2d:
+        return None
+    return OrderedDict(norm=_as_batch_norm(norm), relu=nn.ReLU(inplace=True), conv=children["conv"], pool=children["pool"])
 
 
 def _check_norm(where: str, norm: nn.Module) -> None:

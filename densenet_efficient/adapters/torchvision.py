@@ -4,11 +4,13 @@ switches its mode)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 from ..modules import DenseBlock, DenseLayer
 from ..reference import ReferenceDenseBlock, ReferenceDenseLayer
-from .common import check_layer_for_mode, check_layer_names
+from .common import check_layer_for_mode, check_layer_names, parts_in_our_layout
 
 LAYER_PARTS = ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2")
 
@@ -26,14 +28,14 @@ def block_classes() -> tuple[type, ...]:
     return (DenseBlock, ReferenceDenseBlock) + ((tv[0],) if tv else ())
 
 
-def transition_classes() -> tuple[type, ...]:
+def transition_parts(module: nn.Module) -> OrderedDict | None:
     from ..models import Transition
 
     try:
         from torchvision.models.densenet import _Transition
     except ImportError:
-        return (Transition,)
-    return (Transition, _Transition)
+        return parts_in_our_layout(module, (Transition,))
+    return parts_in_our_layout(module, (Transition, _Transition))
 
 
 def _layer_classes() -> tuple[type, ...]:
