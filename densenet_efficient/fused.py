@@ -104,9 +104,20 @@ def _update_running_stats(norm: nn.Module, batch_mean: Tensor, batch_var: Tensor
 
 
 def _without_hooks(*modules: nn.Module) -> bool:
-    """Fusing runs none of these modules' forwards: none may have forward
-    hooks (old-style weight_norm, say, is one)."""
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """Fusing runs none of these modules' forwards, so no hook of theirs
+    would run: none may have forward hooks (old-style weight_norm, say, is
+    one) or backward hooks, and no global module hook may be registered."""
+    from torch.nn.modules import module as module_hooks
+
+    if any(
+        getattr(module_hooks, name)
+        for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                     "_global_backward_pre_hooks")
+    ):
+        return False
+    return not any(
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in modules
+    )
 
 
 def runs_fused(input: Tensor) -> bool:

@@ -227,6 +227,24 @@ def test_modules_with_forward_hooks_run_unfused_and_container_hooks_survive_conv
     assert seen == ["norm0", "conv", "features"]
 
 
+def test_backward_hooks_on_the_parts_or_global_hooks_make_them_run_unfused():
+    seen = []
+    transition = _transition(2)
+    transition.conv.register_full_backward_hook(lambda *args: seen.append("conv"))
+    assert not transition.fused()
+    stem = _stem(2)
+    stem.pool0.register_full_backward_pre_hook(lambda *args: seen.append("pool0"))
+    assert [len(stage) for stage in stem.stages()] == [1, 1, 1, 1]
+    stem(transition(torch.randn(2, 6, 8, 8, dtype=torch.float64))[:, :2]).sum().backward()
+    assert seen == ["pool0", "conv"]
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not _transition(2).fused() and [len(stage) for stage in _stem(2).stages()] == [1, 1, 1, 1]
+    finally:
+        handle.remove()
+    assert _transition(2).fused() and [len(stage) for stage in _stem(2).stages()] == [4]
+
+
 def test_3d_stretches_under_cpu_autocast_run_their_modules():
     """CPU autocast pools 3-D in float32 (no bfloat16 kernels): the modules run."""
     fused, stem = _transition(3).float(), _stem(3).float()
