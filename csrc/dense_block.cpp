@@ -154,7 +154,8 @@ Tensor conv1x1_weight_grad(const Tensor& grad_output, const Tensor& input, const
 
 Tensor conv1x1(const Tensor& input, const Tensor& weight) {
   if (!runs_as_gemm(input)) {
-    return convolution(input, weight, 0);
+    // cuDNN may follow a channels_last weight's layout.
+    return convolution(input, weight, 0).contiguous();
   }
   auto out = at::empty(
       maps_shape(input, weight.size(0)), input.options(), at::MemoryFormat::Contiguous);
