@@ -48,5 +48,7 @@ TRANSITION_PARTS = ("norm", "relu", "conv", "pool")
 def parts_in_our_layout(module: nn.Module, classes: tuple[type, ...]) -> OrderedDict | None:
     """`module`'s children when it is one of `classes` and holds norm, relu,
     conv and pool, in that order (torchvision's and MONAI's transitions)."""
+    if type(module) not in classes:
+        return None
     parts = OrderedDict(module.named_children())
-    return parts if type(module) in classes and tuple(parts) == TRANSITION_PARTS else None
+    return parts if tuple(parts) == TRANSITION_PARTS else None

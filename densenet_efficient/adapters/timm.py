@@ -19,13 +19,13 @@ from .common import check_layer_for_mode, library_layers
 _PARTS = ("norm1", "conv1", "norm2", "conv2")
 
 
-def _timm_classes() -> tuple[type, type, type] | None:
+def _timm_classes() -> tuple[type, type, type, type] | None:
     try:
         from timm.layers import BatchNormAct2d
-        from timm.models.densenet import DenseBlock, DenseLayer as TimmDenseLayer
+        from timm.models.densenet import DenseBlock, DenseLayer as TimmDenseLayer, DenseTransition
     except ImportError:
         return None
-    return DenseBlock, TimmDenseLayer, BatchNormAct2d
+    return DenseBlock, TimmDenseLayer, BatchNormAct2d, DenseTransition
 
 
 def block_classes() -> tuple[type, ...]:
@@ -38,33 +38,33 @@ def transition_parts(module: nn.Module) -> OrderedDict | None:
     and whose pool averages: as norm (a plain BatchNorm on the same
     tensors), relu, conv and pool. Others (a blur pool, another activation)
     stay as they are."""
-    try:
-        from timm.models.densenet import DenseTransition
-    except ImportError:
+    classes = _timm_classes()
+    if classes is None or type(module) is not classes[3]:
         return None
     children = OrderedDict(module.named_children())
-    if type(module) is not DenseTransition or tuple(children) != ("norm", "conv", "pool"):
-        return None
-    norm = children["norm"]
-    if type(norm) is not _timm_classes()[2] or type(norm.act) is not nn.ReLU or not isinstance(norm.drop, nn.Identity):
+    if tuple(children) != ("norm", "conv", "pool") or _norm_problem(children["norm"]) is not None:
         return None
     if type(children["pool"]) is not nn.AvgPool2d:
         return None
-    return OrderedDict(norm=_as_batch_norm(norm), relu=nn.ReLU(inplace=True), conv=children["conv"], pool=children["pool"])
+    return OrderedDict(norm=_as_batch_norm(children["norm"]), relu=nn.ReLU(inplace=True), conv=children["conv"],
+                       pool=children["pool"])
+
+
+def _norm_problem(norm: nn.Module) -> str | None:
+    """Why `norm` is not timm's BatchNormAct2d computing BatchNorm-ReLU, or
+    None when it is."""
+    batch_norm_act = _timm_classes()[2]
+    if type(norm) is not batch_norm_act:
+        return f"is a {type(norm).__qualname__}; expected timm's BatchNormAct2d"
+    if type(norm.act) is not nn.ReLU or not isinstance(norm.drop, nn.Identity):
+        return f"applies {norm.act!r} then {norm.drop!r}; only a ReLU with no drop (BatchNorm-ReLU) converts"
+    return None
 
 
 def _check_norm(where: str, norm: nn.Module) -> None:
-    _, _, batch_norm_act = _timm_classes()
-    if type(norm) is not batch_norm_act:
-        raise ValueError(
-            f"convert: {where} is a {type(norm).__qualname__}; expected timm's BatchNormAct2d; "
-            "the model is unchanged"
-        )
-    if type(norm.act) is not nn.ReLU or not isinstance(norm.drop, nn.Identity):
-        raise ValueError(
-            f"convert: {where} applies {norm.act!r} then {norm.drop!r}; only a ReLU with no drop "
-            "(BatchNorm-ReLU) converts; the model is unchanged"
-        )
+    problem = _norm_problem(norm)
+    if problem is not None:
+        raise ValueError(f"convert: {where} {problem}; the model is unchanged")
 
 
 def _as_batch_norm(norm: nn.Module) -> nn.BatchNorm2d:
@@ -90,7 +90,7 @@ def _as_dense_layer(layer: nn.Module, mode: str) -> DenseLayer:
 
 
 def check(path: str, block: nn.Module, mode: str) -> None:
-    _, timm_layer, _ = _timm_classes()
+    _, timm_layer, _, _ = _timm_classes()
     for where, layer in library_layers(path, block, timm_layer, "timm's DenseLayer"):
         children = [child for child, _ in layer.named_children()]
         if children != list(_PARTS):
