@@ -12,12 +12,13 @@ from typing import Any
 
 import torch
 
-from .build_info import extension_load_error
+from .build_info import extension_load_error, record_kernel_devices
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the operators)
 except ImportError as error:  # typically an extension built against another torch
     raise ImportError(extension_load_error(error)) from error
+record_kernel_devices()
 
 ops = torch.ops.densenet_efficient
 _lib = "densenet_efficient::"

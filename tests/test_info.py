@@ -37,7 +37,26 @@ def test_a_device_without_kernels_is_refused_with_the_fix(monkeypatch):
         build_info.require_kernels_for(torch.device("xpu"))
     monkeypatch.setattr(build_info, "built_with", lambda: {"torch": torch.__version__, "cuda_kernels": False})
     monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
-    monkeypatch.setattr(build_info, "_checked", set())
+    monkeypatch.setattr(build_info, "_kernel_device_types", build_info._kernel_device_types)  # restored after
+    build_info.record_kernel_devices()  # as if this extension had been loaded
     with pytest.raises(RuntimeError, match=r"built without CUDA kernels \(nvcc was not found"):
         build_info.require_kernels_for(torch.device("cuda"))
     assert info.lines()  # the info command still reports
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_the_kernel_check_compiles_into_a_full_graph(device_type):
+    """The check runs inside every traced forward: under
+    torch.compile(fullgraph=True) it must be plain Python on constants, for
+    a device type not met before too (a dispatcher query there fails the
+    compilation, and without fullgraph breaks the graph)."""
+    if device_type == "cuda" and not build_info.cuda_kernels_registered():
+        pytest.skip("a build without CUDA kernels refuses the cuda device (tested above)")
+    torch._dynamo.reset()
+
+    def check_then_add(x):
+        build_info.require_kernels_for(torch.device(device_type))
+        return x + 1
+
+    compiled = torch.compile(check_then_add, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.zeros(3)), torch.ones(3))
