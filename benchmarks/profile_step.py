@@ -17,29 +17,12 @@ import argparse
 import collections
 
 import torch
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from densenet_efficient import models
+from densenet_efficient.allocations import allocation_events
 
 MIB = 2**20
-
-
-def _allocations(prof) -> list[tuple[int, int, list[str]]]:
-    """(time ns, bytes (negative: freed), operator stack) of every allocation."""
-    found = []
-
-    def walk(node, stack):
-        if node.tag == _EventType.Allocation:
-            found.append((node.start_time_ns, node.extra_fields.alloc_size, stack))
-            return
-        inner = stack + [node.name] if node.tag == _EventType.TorchOp else stack
-        for child in node.children:
-            walk(child, inner)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root, [])
-    return sorted(found, key=lambda a: a[0])
 
 
 def main() -> None:
@@ -68,7 +51,7 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
 
-    allocations = _allocations(prof)
+    allocations = allocation_events(prof)
     live, peak, peak_index = 0, 0, 0
     running = []
     for i, (_, size, _) in enumerate(allocations):

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/util/strides.h>
 
 namespace densenet_efficient::block {
 
@@ -60,6 +61,19 @@ void apply_bn_relu(const Norm& norm, const Normalization& n, const Tensor& input
   ops::bn_relu_out(input, n.mean, n.var, norm.weight, norm.bias, n.eps, out);
 }
 
+Tensor contiguous_operand(const Tensor& t) {
+  if (!t.is_contiguous()) {
+    return t.contiguous();
+  }
+  if (t.suggest_memory_format() == at::MemoryFormat::Contiguous) {
+    return t;
+  }
+  // Contiguous memory whose size-1 dimensions' strides (a 1×1 kernel's, a
+  // single channel's) still read as channels_last, which is what cuDNN and
+  // oneDNN look at: the same memory with standard strides.
+  return t.as_strided(t.sizes(), c10::contiguous_strides(t.sizes()), t.storage_offset());
+}
+
 Tensor scratch_view(const Tensor& scratch, at::IntArrayRef sizes) {
   std::vector<int64_t> strides(sizes.size(), 1);
   for (size_t d = sizes.size() - 1; d > 0; --d) {
@@ -89,7 +103,7 @@ std::vector<int64_t> per_spatial_dim(const Tensor& input, int64_t value) {
 // around it (one more dispatcher call each).
 Tensor convolution(const Tensor& input, const Tensor& weight, int64_t padding) {
   return at::convolution(
-      input, weight, /*bias=*/std::nullopt, /*stride=*/per_spatial_dim(input, 1),
+      input, contiguous_operand(weight), /*bias=*/std::nullopt, /*stride=*/per_spatial_dim(input, 1),
       /*padding=*/per_spatial_dim(input, padding), /*dilation=*/per_spatial_dim(input, 1),
       /*transposed=*/false, /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1);
 }
@@ -154,8 +168,7 @@ Tensor conv1x1_weight_grad(const Tensor& grad_output, const Tensor& input, const
 
 Tensor conv1x1(const Tensor& input, const Tensor& weight) {
   if (!runs_as_gemm(input)) {
-    // cuDNN may follow a channels_last weight's layout.
-    return convolution(input, weight, 0).contiguous();
+    return convolution(input, weight, 0);
   }
   auto out = at::empty(
       maps_shape(input, weight.size(0)), input.options(), at::MemoryFormat::Contiguous);
@@ -189,13 +202,12 @@ std::tuple<Tensor, Tensor> conv_backward(
     const Tensor& weight,
     int64_t padding) {
   auto [grad_input, grad_weight, unused_grad_bias] = at::convolution_backward(
-      grad_output, input, weight, /*bias_sizes=*/std::nullopt,
+      grad_output, input, contiguous_operand(weight), /*bias_sizes=*/std::nullopt,
       /*stride=*/per_spatial_dim(input, 1), /*padding=*/per_spatial_dim(input, padding),
       /*dilation=*/per_spatial_dim(input, 1), /*transposed=*/false,
       /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1,
       /*output_mask=*/{true, true, false});
-  // Contiguous whatever the weight's layout (channels_last models): the
-  // fake kernels say so, and compiled graphs trust them.
+  // The fake kernels promise contiguous gradients, and compiled graphs trust them.
   return {grad_input, grad_weight.contiguous()};
 }
 

@@ -155,8 +155,18 @@ std::vector<int64_t> maps_shape(const Tensor& like, int64_t channels);
 // The values each channel of `t` holds over the batch: N times its plane.
 int64_t values_per_channel(const Tensor& t);
 
+// A convolution's input or weight as the convolutions here take it: in the
+// standard contiguous layout, strides included (a copy only of a
+// channels_last tensor; a view of one that is contiguous but whose size-1
+// dimensions' strides say channels_last). cuDNN and oneDNN follow a
+// channels_last input or weight: outputs and input gradients would come back
+// channels_last, each a widest-feature-map copy away from the contiguous
+// layout the kernels, the fake kernels and the memory model assume.
+Tensor contiguous_operand(const Tensor& t);
+
 // Bias-free, stride-1 convolutions of the input's spatial rank (1-D, 2-D or
-// 3-D): 1×1 (no padding) and 3×3 (padding 1). The output is contiguous.
+// 3-D): 1×1 (no padding) and 3×3 (padding 1). For a contiguous input the
+// output is contiguous.
 Tensor conv1x1(const Tensor& input, const Tensor& weight);
 Tensor conv3x3(const Tensor& input, const Tensor& weight);
 

@@ -160,12 +160,15 @@ BackwardResult dense_block_backward(
         Tensor grad_norm2_out;
         std::tie(grad_norm2_out, grad_conv2_weight[l]) =
             conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
-        std::tie(grad_bottleneck, grad_norm2_weight[l], grad_norm2_bias[l]) =
-            sync.enabled() && layer.norm2.uses_batch_stats()
-            ? sync.bn_relu_backward(grad_norm2_out, bottleneck, norm2, layer.norm2, count)
-            : ops::bn_relu_backward(
-                  grad_norm2_out, bottleneck, norm2.mean, norm2.var, layer.norm2.weight,
-                  layer.norm2.bias, norm2.eps, layer.norm2.uses_batch_stats());
+        if (sync.enabled() && layer.norm2.uses_batch_stats()) {
+          grad_bottleneck = at::empty_like(bottleneck, at::MemoryFormat::Contiguous);
+          std::tie(grad_norm2_weight[l], grad_norm2_bias[l]) = sync.bn_relu_backward(
+              grad_norm2_out, bottleneck, norm2, layer.norm2, count, grad_bottleneck, /*accumulate=*/false);
+        } else {
+          std::tie(grad_bottleneck, grad_norm2_weight[l], grad_norm2_bias[l]) = ops::bn_relu_backward(
+              grad_norm2_out, bottleneck, norm2.mean, norm2.var, layer.norm2.weight, layer.norm2.bias,
+              norm2.eps, layer.norm2.uses_batch_stats());
+        }
       }
       if (!recompute) {
         // norm2's output is spent: norm1's takes the scratch back.
@@ -182,10 +185,8 @@ BackwardResult dense_block_backward(
     }
     auto grad_features_in = range_of(grad_features, 1, 0, channels);
     if (sync.enabled() && layer.norm1.uses_batch_stats()) {
-      Tensor grad_in;
-      std::tie(grad_in, grad_norm1_weight[l], grad_norm1_bias[l]) =
-          sync.bn_relu_backward(grad_norm1_out, features, norm1, layer.norm1, count);
-      grad_features_in.add_(grad_in);
+      std::tie(grad_norm1_weight[l], grad_norm1_bias[l]) = sync.bn_relu_backward(
+          grad_norm1_out, features, norm1, layer.norm1, count, grad_features_in, /*accumulate=*/true);
     } else {
       std::tie(grad_norm1_weight[l], grad_norm1_bias[l]) =
           ops::bn_relu_backward_accumulate(

@@ -45,32 +45,25 @@ void SyncBatchNorm::merge(
   var.copy_(m2 / global_count);
 }
 
-// The fixed-statistics kernel gives dx₀ = γ·r·g and the local sums
-// dγ = r·Σg(x − μ), dβ = Σg; with their all-reduced values,
-//   dx = dx₀ − γ·r·dβ/M − γ·r²·dγ/M · (x − μ)     (M: global count)
-// (PyTorch's SyncBatchNorm does the same). Parameter gradients stay local:
-// DistributedDataParallel averages them.
-std::tuple<Tensor, Tensor, Tensor> SyncBatchNorm::bn_relu_backward(
+// dγ = r·Σg(x − μ) and dβ = Σg summed over the ranks (in the math type, as
+// PyTorch's SyncBatchNorm reduces them), then one elementwise pass with the
+// global sums and count, straight into the destination:
+//   dx = γ·r·(g − dβ/M − (x − μ)·r·dγ/M)     (M: global count).
+std::tuple<Tensor, Tensor> SyncBatchNorm::bn_relu_backward(
     const Tensor& grad_output,
     const Tensor& input,
     const Normalization& n,
     const Norm& norm,
-    const Tensor& global_count) const {
-  auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
-      grad_output, input, n.mean, n.var, norm.weight, norm.bias, n.eps, /*batch_stats=*/false);
-  const auto math = n.mean.scalar_type();
-  const auto invstd = at::rsqrt(n.var + n.eps);
-  const auto sums = all_reduce_sum(at::stack({grad_weight.to(math), grad_bias.to(math)}));
-  const auto scale = norm.weight.to(math) * invstd / global_count;
-  std::vector<int64_t> channel_shape(static_cast<size_t>(input.dim()), 1);  // [1, C, 1, ...]
-  channel_shape[1] = -1;
-  const auto as_channels = [&](const Tensor& v) { return v.view(channel_shape); };
-  const auto correction = as_channels(scale * sums[1]) +
-      as_channels(scale * invstd * sums[0]) * (input.to(math) - as_channels(n.mean));
-  return {
-      (grad_input.to(math) - correction).to(input.scalar_type()),
-      grad_weight,
-      grad_bias};
+    const Tensor& global_count,
+    const Tensor& grad_input,
+    bool accumulate) const {
+  auto [grad_weight, grad_bias] =
+      ops::bn_relu_backward_sums(grad_output, input, n.mean, n.var, norm.weight, norm.bias, n.eps);
+  const auto global_sums = all_reduce_sum(at::stack({grad_weight, grad_bias}));
+  ops::bn_relu_backward_input(
+      grad_output, input, n.mean, n.var, norm.weight, norm.bias, n.eps, global_sums[0], global_sums[1],
+      global_count, accumulate, grad_input);
+  return {grad_weight.to(norm.weight.scalar_type()), grad_bias.to(norm.bias.scalar_type())};
 }
 
 } // namespace densenet_efficient::block

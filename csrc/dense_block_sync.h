@@ -28,13 +28,18 @@ struct SyncBatchNorm {
       int64_t local_count,
       const Tensor& global_count) const;
 
-  // BN-ReLU backward with the statistics of the global batch.
-  std::tuple<Tensor, Tensor, Tensor> bn_relu_backward(
+  // BN-ReLU backward with the statistics of the global batch: the input's
+  // gradient written into `grad_input` (added to it with `accumulate`); the
+  // local dγ and dβ come back in the parameters' dtype, as
+  // DistributedDataParallel averages them like any parameter's gradient.
+  std::tuple<Tensor, Tensor> bn_relu_backward(
       const Tensor& grad_output,
       const Tensor& input,
       const Normalization& n,
       const Norm& norm,
-      const Tensor& global_count) const;
+      const Tensor& global_count,
+      const Tensor& grad_input,
+      bool accumulate) const;
 };
 
 } // namespace densenet_efficient::block

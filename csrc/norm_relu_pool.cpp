@@ -308,8 +308,13 @@ StemConv checked_stem_conv(
   return {stride.vec(), padding.vec(), one, zero};
 }
 
+// conv0 on a contiguous image and weight, so its output is contiguous: a
+// channels_last image or weight would make it channels_last, and copying the
+// image (a few channels) is cheaper than copying conv0's output.
 Tensor stem_conv(const Tensor& image, const Tensor& weight, const StemConv& c) {
-  return at::convolution(image, weight, std::nullopt, c.stride, c.padding, c.dilation, false, c.output_padding, 1);
+  return at::convolution(
+      contiguous_operand(image), contiguous_operand(weight), std::nullopt, c.stride, c.padding, c.dilation, false,
+      c.output_padding, 1);
 }
 
 // What forward and backward both start from: the arguments checked, and
@@ -334,7 +339,7 @@ StemStart stem_start(
     at::IntArrayRef stride,
     at::IntArrayRef padding) {
   auto conv = checked_stem_conv(op, image, conv_weight, conv_stride, conv_padding);
-  auto input = stem_conv(image, conv_weight, conv).contiguous();
+  auto input = stem_conv(image, conv_weight, conv);
   check_norm_args(op, input, weight, bias, running_stats, eps);
   auto window = checked_window(op, input, kernel_size, stride, padding);
   return {std::move(conv), std::move(input), std::move(window)};
@@ -408,13 +413,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_backward(
     std::tie(grad_input, grad_weight, grad_bias) = ops::bn_relu_backward(
         grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
   }  // conv0's output, made again, is no longer needed: only the image is
+  // Contiguous operands, as in forward: contiguous gradients, as the fake kernel says.
   auto [grad_image, grad_conv_weight, unused_grad_bias] = at::convolution_backward(
-      grad_input, image, conv_weight, std::nullopt, conv.stride, conv.padding, conv.dilation, false,
-      conv.output_padding, 1, {image_grad, true, false});
+      grad_input, contiguous_operand(image), contiguous_operand(conv_weight), std::nullopt, conv.stride, conv.padding,
+      conv.dilation, false, conv.output_padding, 1, {image_grad, true, false});
   if (!grad_image.defined()) {  // not asked for: an empty tensor (a schema's Tensor is never undefined)
     grad_image = at::empty({0}, image.options());
   }
-  // Contiguous whatever the image's or weight's layout, as the fake kernel says.
   return {grad_image.contiguous(), grad_conv_weight.contiguous(), grad_weight, grad_bias};
 }
 

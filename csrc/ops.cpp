@@ -33,6 +33,18 @@ TORCH_LIBRARY(densenet_efficient, m) {
       "Tensor mean, Tensor var, Tensor weight, Tensor bias, float eps, "
       "bool batch_stats, Tensor(a!) grad_input_sum) "
       "-> (Tensor grad_weight, Tensor grad_bias)");
+  // The two passes of bn_relu_backward with batch statistics apart, for
+  // synchronised BatchNorm, which all-reduces dγ and dβ between them. The sums
+  // come back in the math type (float for half/bfloat16); count (int64, one
+  // element) is the global batch's values per channel, read on the device.
+  m.def(
+      "bn_relu_backward_sums(Tensor grad_output, Tensor input, Tensor mean, "
+      "Tensor var, Tensor weight, Tensor bias, float eps) "
+      "-> (Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "bn_relu_backward_input(Tensor grad_output, Tensor input, Tensor mean, "
+      "Tensor var, Tensor weight, Tensor bias, float eps, Tensor grad_weight, "
+      "Tensor grad_bias, Tensor count, bool accumulate, Tensor(a!) grad_input) -> ()");
   // Norm i takes its batch statistics from batch_mean/batch_var[offsets[i] :
   // offsets[i] + C_i]; count (int64, one element) is the number of values per
   // channel, read on the device (no host synchronisation).
@@ -167,6 +179,35 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate(
   static auto op = find_op<decltype(bn_relu_backward_accumulate)>(
       "densenet_efficient::bn_relu_backward_accumulate");
   return op.call(grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input_sum);
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_sums(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    double eps) {
+  static auto op = find_op<decltype(bn_relu_backward_sums)>("densenet_efficient::bn_relu_backward_sums");
+  return op.call(grad_output, input, mean, var, weight, bias, eps);
+}
+
+void bn_relu_backward_input(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    double eps,
+    const at::Tensor& grad_weight,
+    const at::Tensor& grad_bias,
+    const at::Tensor& count,
+    bool accumulate,
+    const at::Tensor& grad_input) {
+  static auto op = find_op<decltype(bn_relu_backward_input)>("densenet_efficient::bn_relu_backward_input");
+  op.call(grad_output, input, mean, var, weight, bias, eps, grad_weight, grad_bias, count, accumulate, grad_input);
 }
 
 } // namespace densenet_efficient::ops

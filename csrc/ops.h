@@ -56,4 +56,33 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_accumulate(
     bool batch_stats,
     const at::Tensor& grad_input_sum);
 
+// bn_relu_backward's first pass alone: dγ and dβ of this batch, in the math
+// type (float for half/bfloat16).
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_sums(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    double eps);
+
+// bn_relu_backward's second pass alone, with batch statistics: the input
+// gradient from dγ and dβ (grad_weight, grad_bias) and the values per channel
+// (count, one int64 on the device) of the whole batch, written into
+// `grad_input` or added to it.
+void bn_relu_backward_input(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& mean,
+    const at::Tensor& var,
+    const at::Tensor& weight,
+    const at::Tensor& bias,
+    double eps,
+    const at::Tensor& grad_weight,
+    const at::Tensor& grad_bias,
+    const at::Tensor& count,
+    bool accumulate,
+    const at::Tensor& grad_input);
+
 } // namespace densenet_efficient::ops

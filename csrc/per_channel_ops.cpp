@@ -46,7 +46,6 @@ void check_planar_floating(const char* op, const char* name, const at::Tensor& t
       " to be floating point, got ", t.scalar_type());
 }
 
-namespace {
 void check_channel_vector(
     const char* op,
     const char* name,
@@ -64,7 +63,16 @@ void check_channel_vector(
       v.device() == input.device(), op, ": expected ", name,
       " on the input's device ", input.device(), ", got it on ", v.device());
 }
-} // namespace
+
+void check_count(const char* op, const at::Tensor& input, const at::Tensor& count) {
+  TORCH_CHECK_VALUE(
+      count.numel() == 1 && count.scalar_type() == at::kLong, op,
+      ": expected count to be one int64 value (values per channel), got a ", count.scalar_type(),
+      " tensor of shape ", count.sizes());
+  TORCH_CHECK(
+      count.device() == input.device(), op, ": expected count on the input's device ", input.device(),
+      ", got it on ", count.device());
+}
 
 void check_bn_relu_args(
     const char* op,
@@ -222,20 +230,20 @@ bool is_math_vector(const at::Tensor& input, const at::Tensor& v) {
   return v.scalar_type() == at::toOpMathType(input.scalar_type()) && v.is_contiguous();
 }
 
+at::Tensor as_math_vector(const at::Tensor& input, const at::Tensor& v) {
+  return is_math_vector(input, v) ? v : v.to(at::toOpMathType(input.scalar_type())).contiguous();
+}
+
 ChannelVectors::ChannelVectors(
     const at::Tensor& input,
     const at::Tensor& mean_,
     const at::Tensor& var_,
     const at::Tensor& weight_,
     const at::Tensor& bias_) {
-  const auto math = at::toOpMathType(input.scalar_type());
-  const auto convert = [&](const at::Tensor& v) {
-    return is_math_vector(input, v) ? v : v.to(math).contiguous();
-  };
-  mean = convert(mean_);
-  var = convert(var_);
-  weight = convert(weight_);
-  bias = convert(bias_);
+  mean = as_math_vector(input, mean_);
+  var = as_math_vector(input, var_);
+  weight = as_math_vector(input, weight_);
+  bias = as_math_vector(input, bias_);
 }
 
 } // namespace densenet_efficient

@@ -89,9 +89,25 @@ struct ChannelVectors {
       const at::Tensor& bias);
 };
 
+// dγ and dβ of a BatchNorm-ReLU over a batch (with synchronised BatchNorm,
+// the global batch), [C] each, contiguous, in the input's math type.
+struct AffineGradients {
+  at::Tensor weight, bias;
+};
+
 // True when `v` can be written by a kernel directly: contiguous, in the math
 // type of `input`.
 bool is_math_vector(const at::Tensor& input, const at::Tensor& v);
+
+// `v` as a kernel reads it: contiguous, in the math type of `input` (`v`
+// itself when it already is).
+at::Tensor as_math_vector(const at::Tensor& input, const at::Tensor& v);
+
+// Checks `v` (named `name`) is a [C] floating-point vector on input's device.
+void check_channel_vector(const char* op, const char* name, const at::Tensor& input, const at::Tensor& v);
+
+// Checks `count` is one int64 value on input's device.
+void check_count(const char* op, const at::Tensor& input, const at::Tensor& count);
 
 // The host side of the per-channel operators, the same on every device:
 // argument checks, device guard, output allocation, empty inputs, and
@@ -101,6 +117,10 @@ bool is_math_vector(const at::Tensor& input, const at::Tensor& v);
 //   static void bn_relu(input, vectors, eps, out)                    non-empty
 //   template <bool accumulate> static void backward(grad_output, input,
 //       vectors, eps, batch_stats, grad_input, grad_weight, grad_bias)  M > 0
+//   static void grad_sums(grad_output, input, vectors, eps, grad_weight,
+//       grad_bias)                                                     M > 0
+//   template <bool accumulate> static void grad_input(grad_output, input,
+//       vectors, eps, AffineGradients, count, grad_input)             non-empty
 //   static void update_running_stats(update)            (running_stats.h)
 // with every [N, C, *spatial] tensor of contiguous planes and every [C] vector a
 // contiguous one in the math type.
@@ -245,6 +265,81 @@ struct PerChannelOps {
     return {like(grad_weight, weight), like(grad_bias, bias)};
   }
 
+  // The two passes of backward apart, for synchronised BatchNorm, which
+  // all-reduces dγ and dβ between them: first the sums of this batch, in the
+  // math type (float for half/bfloat16, as PyTorch's SyncBatchNorm reduces
+  // them), ...
+  static std::tuple<at::Tensor, at::Tensor> bn_relu_backward_sums(
+      const at::Tensor& grad_output,
+      const at::Tensor& input_,
+      const at::Tensor& mean,
+      const at::Tensor& var,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      double eps) {
+    constexpr const char* op = "bn_relu_backward_sums";
+    check_bn_relu_args(op, input_, mean, var, weight, bias, eps);
+    check_like_input(op, "grad_output", input_, grad_output);
+    const c10::DeviceGuard guard(input_.device());
+    auto [grad_weight, grad_bias] = math_vectors(input_);
+    if (input_.numel() == 0) {
+      grad_weight.zero_();
+      grad_bias.zero_();
+      return {grad_weight, grad_bias};
+    }
+    const auto input = with_contiguous_planes(input_);
+    Kernels::grad_sums(
+        with_contiguous_planes(grad_output), input, ChannelVectors(input, mean, var, weight, bias), eps,
+        grad_weight, grad_bias);
+    return {grad_weight, grad_bias};
+  }
+
+  // ... then the input's gradient with batch statistics, from dγ and dβ
+  // (`grad_weight`, `grad_bias`) and the number of values per channel
+  // (`count`, one int64 on the device, read there) of the whole batch the
+  // statistics are of: dx = γ·r·(g − dβ/M − (x − μ)·r·dγ/M), written into
+  // `grad_input` or, with `accumulate`, added to it.
+  static void bn_relu_backward_input(
+      const at::Tensor& grad_output,
+      const at::Tensor& input_,
+      const at::Tensor& mean,
+      const at::Tensor& var,
+      const at::Tensor& weight,
+      const at::Tensor& bias,
+      double eps,
+      const at::Tensor& grad_weight,
+      const at::Tensor& grad_bias,
+      const at::Tensor& count,
+      bool accumulate,
+      const at::Tensor& grad_input) {
+    constexpr const char* op = "bn_relu_backward_input";
+    check_bn_relu_args(op, input_, mean, var, weight, bias, eps);
+    check_like_input(op, "grad_output", input_, grad_output);
+    check_channel_vector(op, "grad_weight", input_, grad_weight);
+    check_channel_vector(op, "grad_bias", input_, grad_bias);
+    check_count(op, input_, count);
+    check_like_input(op, "grad_input", input_, grad_input);
+    check_destination(
+        op, grad_input, {&grad_output, &input_, &mean, &var, &weight, &bias, &grad_weight, &grad_bias, &count});
+    const c10::DeviceGuard guard(input_.device());
+    if (input_.numel() == 0) {
+      return;
+    }
+    const auto input = with_contiguous_planes(input_);
+    const auto dy = with_contiguous_planes(grad_output);
+    const ChannelVectors vectors(input, mean, var, weight, bias);
+    const AffineGradients sums{as_math_vector(input, grad_weight), as_math_vector(input, grad_bias)};
+    if (!has_contiguous_planes(grad_input)) {
+      const auto planes = at::empty_like(input, at::MemoryFormat::Contiguous);
+      Kernels::template grad_input<false>(dy, input, vectors, eps, sums, count, planes);
+      accumulate ? grad_input.add_(planes) : grad_input.copy_(planes);
+    } else if (accumulate) {
+      Kernels::template grad_input<true>(dy, input, vectors, eps, sums, count, grad_input);
+    } else {
+      Kernels::template grad_input<false>(dy, input, vectors, eps, sums, count, grad_input);
+    }
+  }
+
  private:
   // Two per-channel vectors in the input's math type.
   static std::tuple<at::Tensor, at::Tensor> math_vectors(const at::Tensor& input) {
@@ -318,6 +413,8 @@ void register_per_channel_ops(torch::Library& m) {
   m.impl("bn_relu_out", &Ops::bn_relu_out);
   m.impl("bn_relu_backward", &Ops::bn_relu_backward);
   m.impl("bn_relu_backward_accumulate", &Ops::bn_relu_backward_accumulate);
+  m.impl("bn_relu_backward_sums", &Ops::bn_relu_backward_sums);
+  m.impl("bn_relu_backward_input", &Ops::bn_relu_backward_input);
   m.impl("update_running_stats", &update_running_stats<Kernels>);
 }
 

@@ -163,6 +163,17 @@ def _(grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input_
     return _channel_vector(input, like=weight), _channel_vector(input, like=bias)
 
 
+@torch.library.register_fake(_lib + "bn_relu_backward_sums")
+def _(grad_output, input, mean, var, weight, bias, eps):
+    _fake_planar("bn_relu_backward_sums", input)
+    return _channel_vector(input), _channel_vector(input)
+
+
+@torch.library.register_fake(_lib + "bn_relu_backward_input")
+def _(grad_output, input, mean, var, weight, bias, eps, grad_weight, grad_bias, count, accumulate, grad_input):
+    _fake_planar("bn_relu_backward_input", input)
+
+
 @torch.library.register_fake(_lib + "update_running_stats")
 def _(running_mean, running_var, num_batches_tracked, momentum, offsets, batch_mean, batch_var, count):
     return None

@@ -254,19 +254,31 @@ def test_3d_stretches_under_cpu_autocast_run_their_modules():
         assert torch.equal(stem(image), _naive(stem)(image))
 
 
-def test_opcheck_with_channels_last_weights_and_images():
-    """Real results are contiguous whatever the layouts, as the fake kernels say."""
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    weight, bias = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
-    conv = torch.randn(2, 4, 1, 1, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])])
+@pytest.mark.parametrize("image_channels", [3, 1])
+def test_opcheck_with_channels_last_weights_and_images(device, image_channels):
+    """Real results are contiguous whatever the layouts, as the fake kernels
+    say: channels_last 1×1 weights (whose strides say channels_last though
+    their memory is contiguous) and one-channel images likewise. (float32 on
+    CUDA: cuDNN never picks channels_last for float64.)"""
+    on = dict(dtype=torch.float32 if device == "cuda" else torch.float64, device=device)
+    channels_last = torch.channels_last
+    x = torch.randn(2, 4, 6, 6, **on)
+    weight, bias = torch.rand(4, **on) + 0.5, torch.randn(4, **on)
+    conv = torch.randn(2, 4, 1, 1, **on).contiguous(memory_format=channels_last)
     torch.library.opcheck(ops.transition_forward.default, (x, weight, bias, [], 1e-5, conv))
     output, mean, var, _ = ops.transition_forward(x, weight, bias, [], 1e-5, conv)
+    assert output.is_contiguous()
+    grads = ops.transition_backward(torch.randn_like(output), x, weight, bias, [], 1e-5, conv, mean, var)
+    assert all(g.is_contiguous() for g in grads)
     torch.library.opcheck(ops.transition_backward.default,
                           (torch.randn_like(output), x, weight, bias, [], 1e-5, conv, mean, var))
-    image = torch.randn(2, 3, 9, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    conv0 = torch.randn(4, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    image = torch.randn(2, image_channels, 9, 8, **on).contiguous(memory_format=channels_last)
+    conv0 = torch.randn(4, image_channels, 3, 3, **on).contiguous(memory_format=channels_last)
     stem_args = ([2, 2], [1, 1], weight, bias, [], 1e-5, [3, 3], [2, 2], [1, 1])
     torch.library.opcheck(ops.stem_forward.default, (image, conv0, *stem_args))
     output, mean, var, _ = ops.stem_forward(image, conv0, *stem_args)
+    grads = ops.stem_backward(torch.randn_like(output), image, conv0, *stem_args, mean, var, True)
+    assert output.is_contiguous() and all(g.is_contiguous() for g in grads)
     torch.library.opcheck(ops.stem_backward.default,
                           (torch.randn_like(output), image, conv0, *stem_args, mean, var, True))

@@ -146,3 +146,23 @@ def test_whole_model_saved_bytes_float64_and_mixed_modes():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     _, measured = saved_tensor_bytes(model, x, ignore=[*model.parameters(), *model.buffers()])
     assert measured == model_saved_bytes(model, (2, 3, 32, 32), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_synchronised_backward_allocates_no_more_than_the_plain_one(one_rank_world, dtype):
+    """Synchronised BatchNorm all-reduces two per-channel sums between the
+    passes of backward and writes the input gradient straight where it goes:
+    no full-size temporaries beyond those of the plain block (which the
+    memory model counts), measured as the backward's allocation peak."""
+    from densenet_efficient.allocations import allocation_peak
+
+    peaks = {}
+    for synced in (False, True):
+        block, x = block_and_input(6, dtype=dtype)
+        if synced:
+            block.sync_group = torch.distributed.group.WORLD.group_name
+        out = block(x)
+        grad = torch.randn_like(out)
+        _, peaks[synced] = allocation_peak(out.backward, grad)
+    one_map = BATCH * (C0 + 6 * K) * SIZE * SIZE * x.element_size()  # the block's output
+    assert peaks[True] <= peaks[False] + one_map // 16, peaks

@@ -294,6 +294,51 @@ def test_bn_relu_backward_low_precision(device, dtype):
         assert rel_error(a, e) <= 2 * rel_error(b, e) + 1e-6, name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+def test_backward_in_two_passes_over_a_batch_split_across_ranks(device, accumulate):
+    """Synchronised BatchNorm's backward: each rank sums dγ and dβ over its
+    part of the batch, the sums are added (the all-reduce), and each rank's
+    input gradient follows from the global sums and count. Over a batch split
+    in two it equals the backward of the whole batch."""
+    x = channel_slice(batch=6, device=device)
+    weight, bias = bn_vectors(5, device=device)
+    mean, var = stats_of(x)  # the global batch's
+    grad = torch.randn(x.shape, dtype=torch.float64, device=device)
+    expected = ops.bn_relu_backward(grad, x, mean, var, weight, bias, 1e-3, True)
+    parts = (slice(0, 2), slice(2, 6))
+    sums = [ops.bn_relu_backward_sums(grad[p], x[p], mean, var, weight, bias, 1e-3) for p in parts]
+    grad_weight, grad_bias = (sum(s[i] for s in sums) for i in (0, 1))
+    assert rel_error(grad_weight, expected[1]) <= 1e-12 and rel_error(grad_bias, expected[2]) <= 1e-12
+    count = torch.tensor(x.numel() // x.shape[1], device=device)
+    buffer = torch.randn(6, 9, 4, 6, dtype=torch.float64, device=device)
+    before = buffer.clone()
+    for p in parts:
+        ops.bn_relu_backward_input(grad[p], x[p], mean, var, weight, bias, 1e-3, grad_weight, grad_bias, count,
+                                   accumulate, buffer[p, 2:7])
+    assert rel_error(buffer[:, 2:7], expected[0] + (before[:, 2:7] if accumulate else 0)) <= 1e-12
+    assert torch.equal(buffer[:, :2], before[:, :2]) and torch.equal(buffer[:, 7:], before[:, 7:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_sums_stay_in_float_for_half_parameters(device, dtype):
+    """What synchronised BatchNorm all-reduces is not rounded to the
+    parameters' dtype first (PyTorch's SyncBatchNorm keeps float sums too)."""
+    x64 = channel_slice(batch=4, device=device)
+    weight, bias = (v.to(dtype) for v in bn_vectors(5, device=device))
+    x, grad = x64.to(dtype), torch.randn(x64.shape, dtype=torch.float64, device=device).to(dtype)
+    mean, var = (v.float() for v in stats_of(x.double()))
+    sums = ops.bn_relu_backward_sums(grad, x, mean, var, weight, bias, 1e-5)
+    whole = ops.bn_relu_backward(grad, x, mean, var, weight.float(), bias.float(), 1e-5, True)
+    assert all(s.dtype == torch.float32 for s in sums)
+    assert torch.equal(sums[0], whole[1]) and torch.equal(sums[1], whole[2])
+    out = torch.empty_like(x)
+    count = torch.tensor(x.numel() // x.shape[1], device=device)
+    ops.bn_relu_backward_input(grad, x, mean, var, weight, bias, 1e-5, *sums, count, False, out)
+    assert rel_error(out, whole[0]) <= {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+
+
 # --- gradcheck ----------------------------------------------------------------
 
 
@@ -364,6 +409,29 @@ def test_opcheck_bn_relu_backward(batch_stats):
     )
 
 
+def test_opcheck_backward_in_two_passes():
+    x, mean, var, weight, bias = _bn_args(False)
+    grad = torch.randn_like(x)
+    torch.library.opcheck(ops.bn_relu_backward_sums.default, (grad, x, mean, var, weight, bias, 1e-5))
+    sums = ops.bn_relu_backward_sums(grad, x, mean, var, weight, bias, 1e-5)
+    count = torch.tensor(x.numel() // x.shape[1])
+    for accumulate in (False, True):
+        torch.library.opcheck(ops.bn_relu_backward_input.default,
+                              (grad, x, mean, var, weight, bias, 1e-5, *sums, count, accumulate, torch.randn_like(x)))
+
+
+def test_backward_input_refuses_a_bad_count_or_sums_before_writing():
+    x, mean, var, weight, bias = _bn_args(False)
+    grad, out = torch.randn_like(x), torch.zeros_like(x)
+    sums = ops.bn_relu_backward_sums(grad, x, mean, var, weight, bias, 1e-5)
+    args = (grad, x, mean, var, weight, bias, 1e-5)
+    with pytest.raises(ValueError, match=r"expected count to be one int64 value \(values per channel\), got a Float"):
+        ops.bn_relu_backward_input(*args, *sums, torch.tensor(12.0), False, out)
+    with pytest.raises(ValueError, match=r"expected grad_bias of shape \[3\].*got shape \[2\]"):
+        ops.bn_relu_backward_input(*args, sums[0], sums[1][:2], torch.tensor(12), False, out)
+    assert (out == 0).all()
+
+
 def _running_stats_args(momenta, count=12, dtype=torch.float64):
     """Norms of 4 and 3 channels reading statistics at offsets 0 and 5 of 9."""
     g = torch.Generator().manual_seed(3)
@@ -424,6 +492,34 @@ def test_opcheck_dense_block_forward_with_dropout(whole_channels):
 @pytest.mark.parametrize("whole_channels", [False, True], ids=["values", "whole-channels"])
 def test_opcheck_dense_block_backward(training, bn_size, whole_channels):
     opcheck_block_backward(_block_forward_args(training, drop_rate=0.3, bn_size=bn_size, whole_channels=whole_channels))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bn_size", [2, 0], ids=["bottleneck", "plain"])
+def test_channels_last_weights_give_contiguous_results(device, bn_size):
+    """cuDNN and oneDNN follow a channels_last weight even for a contiguous
+    input: the block must still compute in its contiguous layout, so that no
+    result (dropout masks included) contradicts its fake kernel and no
+    widest-feature-map copy appears that the memory model does not count.
+    (float32: cuDNN never picks channels_last for float64.)"""
+    dtype = torch.float32 if device == "cuda" else torch.float64
+    block, _ = make_pair(3, 4, 3, bn_size=bn_size, drop_rate=0.3, dtype=dtype)
+    block.to(device=device, memory_format=torch.channels_last)
+    assert block.denselayer1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 5, 5, dtype=dtype, device=device, requires_grad=True)
+    args = block_forward_arguments(block, x, dropout_p=0.3)
+    forward, backward = ops.dense_block_forward.default, ops.dense_block_backward.default
+    torch.library.opcheck(forward, positional(forward, args),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with torch.no_grad():
+        results = dict(zip(result_names(forward), forward(*positional(forward, args))))
+    tensors = [results["output"], *results["bottlenecks"], *results["dropout_masks"]]
+    assert results["dropout_masks"] and all(t.is_contiguous() for t in tensors)
+    backward_args = {**{n: [t.detach() for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+                        else v.detach() if isinstance(v, torch.Tensor) else v for n, v in args.items()},
+                     **results, "grad_output": torch.randn_like(results["output"])}
+    grads = backward(*positional(backward, backward_args))
+    assert all(t.is_contiguous() for g in grads for t in (g if isinstance(g, list) else [g]))
 
 
 def test_channel_dropout_draws_what_feature_dropout_draws():

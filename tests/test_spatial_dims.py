@@ -292,9 +292,9 @@ def test_whole_volume_model_saved_bytes_equal_the_model(mode, recompute, spatial
 @pytest.mark.parametrize("spatial_dims, spatial", [(3, (3, 2, 2)), (3, (2, 4, 3)), (1, (6,))],
                          ids=["3d-depth-equals-channels", "3d", "1d"])
 def test_synchronised_block_on_one_rank_equals_the_plain_block(one_rank_world, spatial_dims, spatial):
-    """Synchronised BatchNorm takes another path through backward (the fixed-
-    statistics kernel plus an all-reduced correction); on one rank it must
-    give what the plain block gives, for every spatial rank."""
+    """Synchronised BatchNorm takes another path through backward (the
+    gradient sums, all-reduced, then the input gradient from them); on one
+    rank it must give what the plain block gives, for every spatial rank."""
     plain, _ = make_pair(3, 3, 2, bn_size=2, spatial_dims=spatial_dims)
     synced, _ = make_pair(3, 3, 2, bn_size=2, spatial_dims=spatial_dims)
     synced.sync_group = torch.distributed.group.WORLD.group_name

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 namespace densenet_efficient {
 namespace {
@@ -208,6 +209,46 @@ void plane_grad_input(
   }
 }
 
+// Pass 1 of backward for channel c: Σg and Σg·(x − μ) over its planes.
+template <typename scalar_t, typename math_t>
+std::pair<double, double> channel_grad_sums(
+    const Planes<const scalar_t>& grad_out,
+    const Planes<const scalar_t>& x,
+    int64_t batch,
+    int64_t plane_size,
+    int64_t c,
+    const Affine<math_t>& a) {
+  double sum_g = 0, sum_g_centered = 0;
+  for (int64_t n = 0; n < batch; ++n) {
+    double plane_g, plane_g_centered;
+    plane_grad_sums<scalar_t, math_t>(
+        grad_out.plane(n, c), x.plane(n, c), plane_size, a.scale, a.shift, a.mean, plane_g,
+        plane_g_centered);
+    sum_g += plane_g;
+    sum_g_centered += plane_g_centered;
+  }
+  return {sum_g, sum_g_centered};
+}
+
+// Pass 2 for channel c: its planes of dx, written or added.
+template <bool accumulate, typename scalar_t, typename math_t>
+void channel_grad_input(
+    const Planes<const scalar_t>& grad_out,
+    const Planes<const scalar_t>& x,
+    const Planes<scalar_t>& grad_in,
+    int64_t batch,
+    int64_t plane_size,
+    int64_t c,
+    const Affine<math_t>& a,
+    math_t mean_g,
+    math_t centered_coef) {
+  for (int64_t n = 0; n < batch; ++n) {
+    plane_grad_input<accumulate, scalar_t, math_t>(
+        grad_out.plane(n, c), x.plane(n, c), grad_in.plane(n, c), plane_size, a.scale, a.shift, a.mean,
+        mean_g, centered_coef);
+  }
+}
+
 // Mean and biased variance per channel of `x`, two passes (the second over
 // deviations from the mean, so no cancellation between large sums). With a
 // `copy_to`, the first pass also copies x there.
@@ -348,15 +389,8 @@ struct CpuKernels {
               0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
                 for (int64_t c = begin; c < end; ++c) {
                   const Affine<math_t> a(vectors, c, eps);
-                  double sum_g = 0, sum_g_centered = 0;
-                  for (int64_t n = 0; n < batch; ++n) {
-                    double plane_g, plane_g_centered;
-                    plane_grad_sums<scalar_t, math_t>(
-                        dy.plane(n, c), x.plane(n, c), plane_size, a.scale, a.shift,
-                        a.mean, plane_g, plane_g_centered);
-                    sum_g += plane_g;
-                    sum_g_centered += plane_g_centered;
-                  }
+                  const auto [sum_g, sum_g_centered] =
+                      channel_grad_sums<scalar_t, math_t>(dy, x, batch, plane_size, c, a);
                   dw[c] = static_cast<math_t>(sum_g_centered * a.invstd);
                   db[c] = static_cast<math_t>(sum_g);
                   const math_t mean_g =
@@ -364,13 +398,73 @@ struct CpuKernels {
                   const math_t centered_coef = batch_stats
                       ? static_cast<math_t>(sum_g_centered * a.invstd * a.invstd / count)
                       : 0;
-                  for (int64_t n = 0; n < batch; ++n) {
-                    plane_grad_input<accumulate, scalar_t, math_t>(
-                        dy.plane(n, c), x.plane(n, c), dx.plane(n, c),
-                        plane_size, a.scale, a.shift, a.mean, mean_g, centered_coef);
-                  }
+                  channel_grad_input<accumulate, scalar_t, math_t>(
+                      dy, x, dx, batch, plane_size, c, a, mean_g, centered_coef);
                 }
               });
+        });
+  }
+
+  // Pass 1 alone: dγ and dβ.
+  static void grad_sums(
+      const at::Tensor& grad_output,
+      const at::Tensor& input,
+      const ChannelVectors& vectors,
+      double eps,
+      const at::Tensor& grad_weight,
+      const at::Tensor& grad_bias) {
+    const int64_t batch = input.size(0), channels = input.size(1);
+    const int64_t plane_size = densenet_efficient::plane_size(input);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_sums_cpu", [&] {
+          using math_t = at::opmath_type<scalar_t>;
+          const auto x = read_planes<scalar_t>(input);
+          const auto dy = read_planes<scalar_t>(grad_output);
+          auto* dw = grad_weight.mutable_data_ptr<math_t>();
+          auto* db = grad_bias.mutable_data_ptr<math_t>();
+          at::parallel_for(0, channels, grain_for(batch * plane_size), [&](int64_t begin, int64_t end) {
+            for (int64_t c = begin; c < end; ++c) {
+              const Affine<math_t> a(vectors, c, eps);
+              const auto [sum_g, sum_g_centered] =
+                  channel_grad_sums<scalar_t, math_t>(dy, x, batch, plane_size, c, a);
+              dw[c] = static_cast<math_t>(sum_g_centered * a.invstd);
+              db[c] = static_cast<math_t>(sum_g);
+            }
+          });
+        });
+  }
+
+  // Pass 2 alone, with batch statistics whose dγ and dβ (`sums`) and count
+  // come from elsewhere: those of a global batch, for synchronised BatchNorm.
+  template <bool accumulate>
+  static void grad_input(
+      const at::Tensor& grad_output,
+      const at::Tensor& input,
+      const ChannelVectors& vectors,
+      double eps,
+      const AffineGradients& sums,
+      const at::Tensor& count,
+      const at::Tensor& grad_input) {
+    const int64_t batch = input.size(0), channels = input.size(1);
+    const int64_t plane_size = densenet_efficient::plane_size(input);
+    const double values = static_cast<double>(count.const_data_ptr<int64_t>()[0]);
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_input_cpu", [&] {
+          using math_t = at::opmath_type<scalar_t>;
+          const auto x = read_planes<scalar_t>(input);
+          const auto dy = read_planes<scalar_t>(grad_output);
+          const auto dx = write_planes<scalar_t>(grad_input);
+          const auto* dw = sums.weight.const_data_ptr<math_t>();
+          const auto* db = sums.bias.const_data_ptr<math_t>();
+          at::parallel_for(0, channels, grain_for(batch * plane_size), [&](int64_t begin, int64_t end) {
+            for (int64_t c = begin; c < end; ++c) {
+              const Affine<math_t> a(vectors, c, eps);
+              const auto mean_g = static_cast<math_t>(db[c] / values);
+              const auto centered_coef = static_cast<math_t>(dw[c] * a.invstd / values);
+              channel_grad_input<accumulate, scalar_t, math_t>(
+                  dy, x, dx, batch, plane_size, c, a, mean_g, centered_coef);
+            }
+          });
         });
   }
 

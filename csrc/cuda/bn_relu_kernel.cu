@@ -23,24 +23,41 @@ namespace {
 
 using namespace gpu;
 
-// 1/sqrt, correctly rounded (rsqrtf may be 2 ulp off): as the CPU kernel and
-// ATen compute invstd, so borderline ReLU gates agree with them.
+// The affine step rounded exactly as the CPU kernel (built with
+// -ffp-contract=off) and ATen's CPU BatchNorm round it: every product and sum
+// on its own, no fused multiply-add (nvcc would contract a·b + c into one
+// rounding). Then a float32 y near zero lands on the same side of the ReLU on
+// either device: a gate that flips moves a gradient by a whole dy.
+__device__ __forceinline__ float add(float a, float b) {
+  return __fadd_rn(a, b);
+}
+__device__ __forceinline__ double add(double a, double b) {
+  return __dadd_rn(a, b);
+}
+__device__ __forceinline__ float subtract(float a, float b) {
+  return __fsub_rn(a, b);
+}
+__device__ __forceinline__ double subtract(double a, double b) {
+  return __dsub_rn(a, b);
+}
+__device__ __forceinline__ float multiply(float a, float b) {
+  return __fmul_rn(a, b);
+}
+__device__ __forceinline__ double multiply(double a, double b) {
+  return __dmul_rn(a, b);
+}
+// 1/sqrt, correctly rounded (rsqrtf may be 2 ulp off), as the CPU computes it.
 __device__ __forceinline__ float inverse_sqrt(float v) {
-  return 1.0f / sqrtf(v);
+  return __fdiv_rn(1.0f, __fsqrt_rn(v));
 }
 __device__ __forceinline__ double inverse_sqrt(double v) {
-  return 1.0 / sqrt(v);
-}
-__device__ __forceinline__ float multiply_add(float a, float b, float c) {
-  return fmaf(a, b, c);
-}
-__device__ __forceinline__ double multiply_add(double a, double b, double c) {
-  return fma(a, b, c);
+  return __ddiv_rn(1.0, __dsqrt_rn(v));
 }
 
 // BatchNorm in ATen's affine form, y = x·scale + shift, scale = γ·invstd,
-// shift = β − μ·scale, invstd = 1/sqrt(var + ε); every multiply-add explicit,
-// so forward and the gate recomputed in backward round identically.
+// shift = β − μ·scale, invstd = 1/sqrt(var + ε), each step rounded as above,
+// so forward and the gate recomputed in backward round identically, and as
+// on the CPU.
 template <typename math_t>
 struct Affine {
   math_t invstd;
@@ -48,7 +65,7 @@ struct Affine {
   math_t shift;
 
   __device__ math_t operator()(math_t x) const {
-    return multiply_add(x, scale, shift);
+    return add(multiply(x, scale), shift);
   }
 };
 
@@ -62,9 +79,9 @@ struct ChannelParams {
 
   __device__ Affine<math_t> affine(int64_t c) const {
     Affine<math_t> a;
-    a.invstd = inverse_sqrt(var[c] + eps);
-    a.scale = weight[c] * a.invstd;
-    a.shift = multiply_add(-mean[c], a.scale, bias[c]);
+    a.invstd = inverse_sqrt(add(var[c], eps));
+    a.scale = multiply(weight[c], a.invstd);
+    a.shift = subtract(bias[c], multiply(mean[c], a.scale));
     return a;
   }
 };
@@ -366,8 +383,34 @@ __global__ void finalize_grad_kernel(
   const math_t r = k.affine.invstd;
   grad_weight[c] = sum_g_centered * r;
   grad_bias[c] = sum_g;
+  if (coefficients == nullptr) {  // the sums alone (bn_relu_backward_sums)
+    return;
+  }
   k.mean_g = batch_stats ? sum_g / static_cast<math_t>(count) : math_t(0);
   k.centered_coef = batch_stats ? sum_g_centered * r * r / static_cast<math_t>(count) : math_t(0);
+  coefficients[c] = k;
+}
+
+// Pass 2's coefficients from dγ and dβ of a whole (global) batch of `*count`
+// values per channel, the count read on the device: no host synchronisation.
+template <typename math_t>
+__global__ void coefficients_from_sums_kernel(
+    int64_t channels,
+    ChannelParams<math_t> params,
+    const math_t* grad_weight,
+    const math_t* grad_bias,
+    const int64_t* count,
+    GradCoefficients<math_t>* coefficients) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) {
+    return;
+  }
+  GradCoefficients<math_t> k;
+  k.affine = params.affine(c);
+  k.mean = params.mean[c];
+  const math_t values = static_cast<math_t>(*count);
+  k.mean_g = grad_bias[c] / values;
+  k.centered_coef = grad_weight[c] * k.affine.invstd / values;
   coefficients[c] = k;
 }
 
@@ -414,6 +457,49 @@ struct GradInputOf {
   };
 };
 
+// Pass 1: the partial sums, merged per channel into grad_weight and
+// grad_bias and, given `coefficients`, into pass 2's coefficients.
+template <typename scalar_t>
+void launch_grad_sums(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const ChannelVectors& vectors,
+    double eps,
+    bool batch_stats,
+    const at::Tensor& grad_weight,
+    const at::Tensor& grad_bias,
+    GradCoefficients<at::opmath_type<scalar_t>>* coefficients) {
+  using math_t = at::opmath_type<scalar_t>;
+  const int64_t channels = input.size(1);
+  const auto params = params_of<math_t>(vectors, eps);
+  const auto partials = launch_reduce_chunks<GradSumsOf<scalar_t>::template Reducer, scalar_t>(
+      {&input, &grad_output}, planes_of<const scalar_t>(grad_output), planes_of<const scalar_t>(input), params);
+  finalize_grad_kernel<math_t><<<finalize_blocks(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const GradSums<math_t>*>(partials.first.const_data_ptr()), channels,
+      partials.second, input.size(0) * plane_size(input), batch_stats, params,
+      grad_weight.mutable_data_ptr<math_t>(), grad_bias.mutable_data_ptr<math_t>(), coefficients);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Room for pass 2's per-channel coefficients.
+template <typename math_t>
+at::Tensor coefficient_storage(const at::Tensor& input) {
+  return at::empty(
+      {input.size(1) * static_cast<int64_t>(sizeof(GradCoefficients<math_t>))}, input.options().dtype(at::kByte));
+}
+
+// Pass 2: dx, written or added, elementwise.
+template <typename scalar_t, bool accumulate>
+void launch_grad_input(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& grad_input,
+    const GradCoefficients<at::opmath_type<scalar_t>>* coefficients) {
+  launch_for_each_vector<GradInputOf<scalar_t, accumulate>::template Op, scalar_t>(
+      input, {&input, &grad_output, &grad_input}, planes_of<const scalar_t>(grad_output),
+      planes_of<const scalar_t>(input), planes_of<scalar_t>(grad_input), coefficients);
+}
+
 template <typename scalar_t, bool accumulate>
 void bn_relu_backward_launch(
     const at::Tensor& grad_output,
@@ -425,23 +511,31 @@ void bn_relu_backward_launch(
     const at::Tensor& grad_weight,
     const at::Tensor& grad_bias) {
   using math_t = at::opmath_type<scalar_t>;
-  const int64_t channels = input.size(1);
-  const auto dy = planes_of<const scalar_t>(grad_output);
-  const auto x = planes_of<const scalar_t>(input);
-  const auto params = params_of<math_t>(vectors, eps);
-  const auto partials = launch_reduce_chunks<GradSumsOf<scalar_t>::template Reducer, scalar_t>(
-      {&input, &grad_output}, dy, x, params);
-  auto coefficients = at::empty(
-      {channels * static_cast<int64_t>(sizeof(GradCoefficients<math_t>))}, input.options().dtype(at::kByte));
+  auto coefficients = coefficient_storage<math_t>(input);
   auto* k = reinterpret_cast<GradCoefficients<math_t>*>(coefficients.data_ptr());
-  finalize_grad_kernel<math_t><<<finalize_blocks(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const GradSums<math_t>*>(partials.first.const_data_ptr()), channels,
-      partials.second, input.size(0) * plane_size(input), batch_stats, params,
-      grad_weight.mutable_data_ptr<math_t>(), grad_bias.mutable_data_ptr<math_t>(), k);
+  launch_grad_sums<scalar_t>(grad_output, input, vectors, eps, batch_stats, grad_weight, grad_bias, k);
+  launch_grad_input<scalar_t, accumulate>(grad_output, input, grad_input, k);
+}
+
+template <typename scalar_t, bool accumulate>
+void grad_input_from_sums_launch(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const ChannelVectors& vectors,
+    double eps,
+    const AffineGradients& sums,
+    const at::Tensor& count,
+    const at::Tensor& grad_input) {
+  using math_t = at::opmath_type<scalar_t>;
+  const int64_t channels = input.size(1);
+  auto coefficients = coefficient_storage<math_t>(input);
+  auto* k = reinterpret_cast<GradCoefficients<math_t>*>(coefficients.data_ptr());
+  coefficients_from_sums_kernel<math_t>
+      <<<finalize_blocks(channels), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          channels, params_of<math_t>(vectors, eps), sums.weight.const_data_ptr<math_t>(),
+          sums.bias.const_data_ptr<math_t>(), count.const_data_ptr<int64_t>(), k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_for_each_vector<GradInputOf<scalar_t, accumulate>::template Op, scalar_t>(
-      input, {&input, &grad_output, &grad_input}, dy, x, planes_of<scalar_t>(grad_input),
-      static_cast<const GradCoefficients<math_t>*>(k));
+  launch_grad_input<scalar_t, accumulate>(grad_output, input, grad_input, k);
 }
 
 struct CudaKernels {
@@ -487,6 +581,33 @@ struct CudaKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cuda", [&] {
       bn_relu_backward_launch<scalar_t, accumulate>(
           grad_output, input, vectors, eps, batch_stats, grad_input, grad_weight, grad_bias);
+    });
+  }
+
+  static void grad_sums(
+      const at::Tensor& grad_output,
+      const at::Tensor& input,
+      const ChannelVectors& vectors,
+      double eps,
+      const at::Tensor& grad_weight,
+      const at::Tensor& grad_bias) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_sums_cuda", [&] {
+      launch_grad_sums<scalar_t>(
+          grad_output, input, vectors, eps, /*batch_stats=*/false, grad_weight, grad_bias, nullptr);
+    });
+  }
+
+  template <bool accumulate>
+  static void grad_input(
+      const at::Tensor& grad_output,
+      const at::Tensor& input,
+      const ChannelVectors& vectors,
+      double eps,
+      const AffineGradients& sums,
+      const at::Tensor& count,
+      const at::Tensor& grad_input) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_input_cuda", [&] {
+      grad_input_from_sums_launch<scalar_t, accumulate>(grad_output, input, vectors, eps, sums, count, grad_input);
     });
   }
 
