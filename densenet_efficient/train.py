@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -56,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps between progress updates (each reads the running loss back from the device)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="bitwise repeatable runs and resumes on GPUs too: cuDNN's deterministic algorithms, no "
+                        "autotuning, and a warning from any operator that has no deterministic kernel (slower)")
     parser.add_argument("--amp", choices=["bf16", "fp16"], help="autocast dtype (fp16 uses a GradScaler)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--sync-bn", action="store_true", help="batch statistics of the global batch (torchrun)")
@@ -233,11 +236,35 @@ def _check_run_directory(out: Path, args: argparse.Namespace) -> None:
         raise TrainError("--resume continues a run and --overwrite starts one over: pass one of them")
 
 
+@contextmanager
+def deterministic_algorithms(enabled: bool):
+    """PyTorch's determinism settings for the run, restored after it (the
+    command also runs inside other programs, tests among them). cuBLAS needs
+    CUBLAS_WORKSPACE_CONFIG for repeatable GEMMs: set for the run unless given."""
+    if not enabled:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.deterministic, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
+        if before[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 def run(args: argparse.Namespace) -> dict:
     owns_group = not (dist.is_available() and dist.is_initialized())
     device, rank, world_size = _distributed_setup(args.device)
     try:
-        return _run(args, device, rank, world_size)
+        with deterministic_algorithms(args.deterministic):
+            return _run(args, device, rank, world_size)
     finally:
         # A process group left alive at exit can abort the interpreter's
         # shutdown (gloo's threads: "terminate called without an active exception").

@@ -3,6 +3,7 @@ checkpoints are checked, CIFAR's pickle batches are read (and bad ones
 named), AMP and channels-last run."""
 
 import json
+import os
 import pickle
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from densenet_efficient import data
+from conftest import requires_cuda
 from densenet_efficient.__main__ import main
 
 pytest.importorskip("sklearn")
@@ -40,8 +42,12 @@ def test_a_run_draws_its_curves_and_reads_nothing_back_per_step(tmp_path, monkey
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resume_is_exact(tmp_path):
-    common = ["--arch", "densenet_bc-10-4", "--epochs", "2", "--drop-rate", "0.2"]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])])
+def test_resume_is_exact(tmp_path, device):
+    """Bitwise, with --deterministic (cuDNN's backward may otherwise add in
+    any order), which leaves PyTorch's settings as it found them."""
+    common = ["--arch", "densenet_bc-10-4", "--epochs", "2", "--drop-rate", "0.2", "--device", device,
+              "--deterministic"]
     straight, _ = train(tmp_path, *common, name="straight")
     split, _ = train(tmp_path, *common, "--stop-after", "1", name="split")
     first_half = torch.load(split / "checkpoint.pt", weights_only=False)
@@ -54,6 +60,8 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
 
 
 def refused(argv, message, capsys):
