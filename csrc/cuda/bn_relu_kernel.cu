@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace densenet_efficient {
 namespace {
@@ -28,30 +29,38 @@ using namespace gpu;
 // on its own, no fused multiply-add (nvcc would contract a·b + c into one
 // rounding). Then a float32 y near zero lands on the same side of the ReLU on
 // either device: a gate that flips moves a gradient by a whole dy.
-__device__ __forceinline__ float add(float a, float b) {
-  return __fadd_rn(a, b);
+template <typename math_t>
+__device__ __forceinline__ math_t add(math_t a, math_t b) {
+  if constexpr (std::is_same_v<math_t, float>) {
+    return __fadd_rn(a, b);
+  } else {
+    return __dadd_rn(a, b);
+  }
 }
-__device__ __forceinline__ double add(double a, double b) {
-  return __dadd_rn(a, b);
+template <typename math_t>
+__device__ __forceinline__ math_t subtract(math_t a, math_t b) {
+  if constexpr (std::is_same_v<math_t, float>) {
+    return __fsub_rn(a, b);
+  } else {
+    return __dsub_rn(a, b);
+  }
 }
-__device__ __forceinline__ float subtract(float a, float b) {
-  return __fsub_rn(a, b);
-}
-__device__ __forceinline__ double subtract(double a, double b) {
-  return __dsub_rn(a, b);
-}
-__device__ __forceinline__ float multiply(float a, float b) {
-  return __fmul_rn(a, b);
-}
-__device__ __forceinline__ double multiply(double a, double b) {
-  return __dmul_rn(a, b);
+template <typename math_t>
+__device__ __forceinline__ math_t multiply(math_t a, math_t b) {
+  if constexpr (std::is_same_v<math_t, float>) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
 }
 // 1/sqrt, correctly rounded (rsqrtf may be 2 ulp off), as the CPU computes it.
-__device__ __forceinline__ float inverse_sqrt(float v) {
-  return __fdiv_rn(1.0f, __fsqrt_rn(v));
-}
-__device__ __forceinline__ double inverse_sqrt(double v) {
-  return __ddiv_rn(1.0, __dsqrt_rn(v));
+template <typename math_t>
+__device__ __forceinline__ math_t inverse_sqrt(math_t v) {
+  if constexpr (std::is_same_v<math_t, float>) {
+    return __fdiv_rn(1.0f, __fsqrt_rn(v));
+  } else {
+    return __ddiv_rn(1.0, __dsqrt_rn(v));
+  }
 }
 
 // BatchNorm in ATen's affine form, y = x·scale + shift, scale = γ·invstd,
