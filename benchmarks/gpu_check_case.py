@@ -118,12 +118,12 @@ class Case:
             raise AssertionError(f"bn_relu_out differs from bn_relu ({where})")
 
         for batch_stats in (True, False):
-            grad_input, grad_weight, grad_bias = ops.bn_relu_backward(grad, x, mean, var, weight, bias, EPS, batch_stats)
+            grads = ops.bn_relu_backward(grad, x, mean, var, weight, bias, EPS, batch_stats)
             flat, total = self.guarded(layout, plane, dtype)
             total.zero_()
             ops.bn_relu_backward_accumulate(grad, x, mean, var, weight, bias, EPS, batch_stats, total)
             self.check_untouched(flat, layout, plane, "bn_relu_backward_accumulate")
-            finite = all(t.isfinite().all() for t in (grad_input, grad_weight, grad_bias, total))
+            finite = all(t.isfinite().all() for t in (*grads, total))
             if not finite:
                 raise AssertionError(f"bn_relu_backward: non-finite gradients ({where}, batch_stats={batch_stats})")
         self.operator_calls += 9
@@ -184,17 +184,26 @@ class Case:
 
 
 def run(device: torch.device, quick: bool) -> Case:
+    """The whole case; a line after each part, so that the log of a run
+    stopped at its time limit shows how far it got."""
     case = Case(device)
-    dtypes, planes, layouts = (QUICK["dtypes"], QUICK["planes"], QUICK["layouts"]) if quick else (DTYPES, PLANES, LAYOUTS)
+    dtypes, planes, layouts = (QUICK["dtypes"], QUICK["planes"], QUICK["layouts"]) if quick else (
+        DTYPES, PLANES, LAYOUTS)
     for dtype in dtypes:
         for plane in planes:
             for layout in layouts:
                 case.per_channel_ops(dtype, plane, layout)
-    case.transitions([2] if quick else [1, 2, 3])
-    case.stems([2] if quick else [2, 3])
-    case.blocks([(0.2, True, 2)] if quick else [(0.0, False, 2), (0.2, False, 2), (0.0, True, 2), (0.2, True, 3),
-                                                 (0.0, False, 1)])
-    case.autocast([torch.bfloat16] if quick else [torch.bfloat16, torch.float16])
+        print(f"per-channel operators, {dtype}: done", flush=True)
+    parts = [
+        ("transitions", lambda: case.transitions([2] if quick else [1, 2, 3])),
+        ("stems", lambda: case.stems([2] if quick else [2, 3])),
+        ("blocks", lambda: case.blocks([(0.2, True, 2)] if quick else [
+            (0.0, False, 2), (0.2, False, 2), (0.0, True, 2), (0.2, True, 3), (0.0, False, 1)])),
+        ("autocast", lambda: case.autocast([torch.bfloat16] if quick else [torch.bfloat16, torch.float16])),
+    ]
+    for name, part in parts:
+        part()
+        print(f"{name}: done", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return case

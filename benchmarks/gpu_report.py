@@ -125,7 +125,6 @@ def _stage_table(stages: dict) -> list[str]:
 
 def _steps_lines(entry: dict) -> list[str]:
     return [f"- {name}: {status_text(step)}" + (f", {step['seconds']:.0f} s" if step.get("seconds") else "")
-            + (f" — {step['summary']}" if step.get("summary") else "")
             for name, step in entry.get("steps", {}).items()]
 
 
@@ -149,7 +148,8 @@ def _tests_text(summary: dict | None) -> str:
 
 def _build_lines(entry: dict) -> list[str]:
     verify = entry.get("verify") or {}
-    return [f"TORCH_CUDA_ARCH_LIST={entry.get('arch')}, MAX_JOBS={entry.get('max_jobs')}"
+    note = [entry["arch_note"], ""] if entry.get("arch_note") else []
+    return note + [f"TORCH_CUDA_ARCH_LIST={entry.get('arch')}, MAX_JOBS={entry.get('max_jobs')}"
             + (" (rehearsal: not compiled; the extension already built here was checked)" if entry.get("rehearsed")
                else "")
             + f"; machine code in the extension: {verify.get('machine_code', '?')}; "
@@ -179,7 +179,8 @@ def _kernel_lines(rows: list[dict]) -> list[str]:
         return []
     lines = ["Bandwidth of the bytes each kernel must move, against a device-to-device copy of the same tensor "
              f"(median of {rows[0].get('repeats')} runs):", "",
-             "| shape | dtype | kernel | ms | GB/s | % of copy | ATen op | ATen ms |", "|---|---|---|---|---|---|---|---|"]
+             "| shape | dtype | kernel | ms | GB/s | % of copy | ATen op | ATen ms |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = (f"{r['ms']:.3f} | {r['GB/s']:.0f} | {100 * r['fraction_of_copy']:.0f}%" if "ms" in r
                 else f"error: {r.get('error')} | | ")

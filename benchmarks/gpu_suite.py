@@ -18,7 +18,8 @@ Stages, in priority order, each capped and each run in processes of its own
   extras       with the time left: racecheck (filtered), the torch.compile test alone, the train tests
 
 The deadline is the start plus the budget less a margin for writing results.
-A stage that has less time left than it needs is skipped ("no time"). Before
+A stage that has less time left than it needs is skipped ("no time"); when
+the build fails, so is every stage after it (each needs the extension). Before
 a stage starts it is recorded as running; after every step results.json and
 results.md in DIR are rewritten atomically, and every process's output
 streams into a log in DIR, so a kill at any moment leaves the finished stages'
@@ -97,7 +98,8 @@ FILES = ("results.json", "results.md", "stages.log", "tests.log", "junit.xml", "
 # row code on a tiny model: one row without autocast, one with).
 MODEL = {"model": "densenet_bc_250_24", "batch": 64, "max_steps": 30}
 MODEL_ROW_NEEDS_S = 15  # a fresh process, the model, two warm-up steps and three timed ones
-MODEL_ROWS = [(mode, precision) for precision in ("fp32", "bf16") for mode in ("naive", "efficient", "efficient+recompute")]
+MODEL_ROWS = [(mode, precision) for precision in ("fp32", "bf16")
+              for mode in ("naive", "efficient", "efficient+recompute")]
 REHEARSAL_MODEL = {"model": "densenet_bc-10-4", "batch": 2, "max_steps": 3}
 REHEARSAL_MODEL_ROWS = [("naive", "fp32"), ("efficient+recompute", "bf16")]
 KERNEL_SHAPE, REHEARSAL_KERNEL_SHAPE = "64,1000,32,32", "2,8,8,8"
@@ -134,14 +136,16 @@ def parse_arguments(argv) -> argparse.Namespace:
                         help="folder for results and logs (default: $OUT, else build/gpu_suite)")
     parser.add_argument("--commit", help="commit to record (default: git rev-parse HEAD, else 'unknown')")
     parser.add_argument("--stages", default=",".join(STAGE_NAMES),
-                        help=f"comma-separated, run in priority order: {','.join(STAGE_NAMES)} (environment always runs)")
+                        help=f"comma-separated, run in priority order: {','.join(STAGE_NAMES)} "
+                             "(environment always runs)")
     parser.add_argument("--rehearse", action="store_true", help="the same plumbing on the CPU, tiny shapes (CI)")
     parser.add_argument("--hang", metavar="STAGE", help="with --rehearse: that stage's processes hang")
     args = parser.parse_args(argv)
     selected = [name for name in args.stages.split(",") if name]
     unknown = [name for name in selected if name not in STAGE_NAMES]
     if unknown or not selected:
-        parser.error(f"unknown stage {', '.join(map(repr, unknown)) or 'list (empty)'}; stages: {', '.join(STAGE_NAMES)}")
+        named = ", ".join(map(repr, unknown)) or "list (empty)"
+        parser.error(f"unknown stage {named}; stages: {', '.join(STAGE_NAMES)}")
     args.stages = [name for name in STAGE_NAMES if name in selected or name == "environment"]
     if args.hang is not None and (not args.rehearse or args.hang not in STAGE_NAMES):
         parser.error(f"--hang takes a stage ({', '.join(STAGE_NAMES)}) and needs --rehearse; got {args.hang!r}")
@@ -353,7 +357,7 @@ class Suite:
     def check_case(self, tool: str, quick: bool) -> tuple[list[str] | None, dict, str]:
         """The sanitizer case's command (None when compute-sanitizer is
         missing), its environment, and what its result will mean."""
-        case = [sys.executable, str(HERE / "gpu_check_case.py"), "--device", self.device] + (["--quick"] if quick else [])
+        case = [sys.executable, str(HERE / "gpu_check_case.py"), "--device", self.device, *(["--quick"] if quick else [])]
         if self.rehearsal:
             return case, self.env, "rehearsal: the case ran on the CPU, without compute-sanitizer"
         sanitizer = find_tool("compute-sanitizer")
@@ -385,8 +389,8 @@ class Suite:
         junit = self.out / "junit.xml"
         # Without a GPU every CUDA test skips: one file rehearses the plumbing.
         tests = ["tests/test_cuda.py"] if self.rehearsal else ["tests"]
-        steps = [("pytest", self.pytest_command(tests, junit, PER_TEST_TIMEOUT_S, "-m", "cuda", "-k", "not torch_compile"),
-                  "tests.log")]
+        cuda_tests = self.pytest_command(tests, junit, PER_TEST_TIMEOUT_S, "-m", "cuda", "-k", "not torch_compile")
+        steps = [("pytest", cuda_tests, "tests.log")]
         memcheck, env, note = self.check_case("memcheck", quick=False)
         if memcheck is None:
             self.skip_step(entry, "memcheck", note)
@@ -443,7 +447,8 @@ class Suite:
                 continue
             junit = self.scratch / f"{name}.xml"
             if name == "torch_compile":
-                command = self.pytest_command(["tests/test_cuda.py"], junit, COMPILE_TEST_TIMEOUT_S, "-k", "torch_compile")
+                command = self.pytest_command(["tests/test_cuda.py"], junit, COMPILE_TEST_TIMEOUT_S,
+                                              "-k", "torch_compile")
             else:  # the train tests pick the GPU themselves (--device auto); the rehearsal runs the quickest
                 command = self.pytest_command(["tests/test_train.py"], junit, PER_TEST_TIMEOUT_S,
                                               *(["-k", "augmentation"] if self.rehearsal else []))
@@ -485,6 +490,11 @@ class Suite:
         record = self.report["stages"]["environment"].get("record")
         return not self.rehearsal and record is not None and not record.get("cuda_available")
 
+    def skip_pending(self, why: str) -> None:
+        for entry in self.report["stages"].values():
+            if entry["status"] == "pending":
+                entry.update(status="skipped", why=why)
+
     def run(self) -> int:
         self.save()
         for stage in STAGES:
@@ -494,6 +504,10 @@ class Suite:
             if stage.name == "environment" and self.no_gpu():
                 return self.refuse("no CUDA GPU is visible (torch.cuda.is_available() is False); "
                                    "--rehearse runs the check's plumbing on the CPU")
+            build = self.report["stages"].get("build", {})
+            if stage.name == "build" and build["status"] in ("failed", "timeout"):  # each later stage needs it
+                self.skip_pending(f"no extension (build: {gpu_report.status_text(build)})")
+                break
         self.report["suite"]["state"] = "finished"
         self.save()
         print(gpu_report.markdown(self.report), flush=True)
@@ -501,9 +515,7 @@ class Suite:
         return 1 if failed else 0
 
     def refuse(self, why: str) -> int:
-        for entry in self.report["stages"].values():
-            if entry["status"] == "pending":
-                entry.update(status="skipped", why="no CUDA GPU")
+        self.skip_pending("no CUDA GPU")
         self.report["suite"]["state"] = "refused: no CUDA GPU"
         self.save()
         sys.stderr.write(f"gpu_suite: error: {why}\n")
@@ -520,8 +532,7 @@ class Suite:
                 for step in entry.get("steps", {}).values():
                     if step["status"] == "running":
                         step.update(status="killed", why=f"signal {signum}")
-            elif entry["status"] == "pending":
-                entry.update(status="skipped", why=f"suite killed (signal {signum})")
+        self.skip_pending(f"suite killed (signal {signum})")
         self.report["suite"]["state"] = f"killed (signal {signum})"
         self.save()
         return 128 + signum

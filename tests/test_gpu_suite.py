@@ -6,6 +6,7 @@ argument errors; and the summaries it reads from pytest and compute-sanitizer.""
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,15 +126,17 @@ def _session_processes(session):
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_killed_run_keeps_finished_stages_and_shows_the_running_one(tmp_path, signum):
+    (tmp_path / "tmp").mkdir()  # where a killed suite leaves its scratch folder
     process = subprocess.Popen(suite_command("--rehearse", "--hang", "smoke", "--stages", "smoke,kernels",
                                              "--budget", "2", "--out", str(tmp_path)),
-                               cwd=ROOT, env=suite_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=ROOT, env=dict(suite_env(), TMPDIR=str(tmp_path / "tmp")),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # its session holds every process it starts
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            try:
-                if results(tmp_path)["stages"]["smoke"]["status"] == "running":
+            try:  # the stage's process started
+                if results(tmp_path)["stages"]["smoke"].get("steps", {}).get("smoke", {}).get("status") == "running":
                     break
             except (OSError, ValueError):
                 pass  # not written yet
@@ -198,9 +201,38 @@ def test_the_build_is_for_this_gpu_alone_on_every_core(gpu_suite):
     assert env["PATH"] == "/bin"
 
 
-def test_sanitizer_commands_check_our_kernels_alone(gpu_suite, tmp_path, monkeypatch):
+@pytest.fixture
+def make_suite(gpu_suite, tmp_path):
+    """A Suite in this process, for its pieces (its scratch folder removed after)."""
+    made = []
+
+    def make(*args):
+        suite = gpu_suite.Suite(gpu_suite.parse_arguments([*args, "--out", str(tmp_path)]), ["gpu_suite.py"],
+                                time.monotonic())
+        made.append(suite)
+        return suite
+
+    yield make
+    for suite in made:
+        shutil.rmtree(suite.scratch)
+
+
+def test_a_failed_build_skips_the_stages_that_need_it(make_suite, tmp_path, monkeypatch):
+    suite = make_suite("--rehearse", "--stages", "build,smoke,tests")
+    monkeypatch.setattr(suite, "stage_environment", lambda entry, until: entry.update(record={"gpu": "none"}))
+    monkeypatch.setattr(suite, "stage_build",
+                        lambda entry, until: entry.update(steps={"compile": {"status": "failed", "rc": 1}}))
+    assert suite.run() == 1
+    stages = results(tmp_path)["stages"]
+    assert stages["build"]["status"] == "failed" and stages["build"]["rc"] == 1
+    for name in ("smoke", "tests"):
+        assert stages[name]["status"] == "skipped"
+        assert stages[name]["why"] == "no extension (build: failed (rc 1))"
+
+
+def test_sanitizer_commands_check_our_kernels_alone(gpu_suite, make_suite, tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_suite, "find_tool", lambda name: f"/opt/cuda/bin/{name}")
-    suite = gpu_suite.Suite(gpu_suite.parse_arguments(["--out", str(tmp_path)]), ["gpu_suite.py"], time.monotonic())
+    suite = make_suite()
     command, env, note = suite.check_case("memcheck", quick=False)
     assert command[:2] == ["/opt/cuda/bin/compute-sanitizer", "--tool"] and command[2] == "memcheck"
     assert command[command.index("--kernel-name") + 1] == "kns=densenet_efficient"
