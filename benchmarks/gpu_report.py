@@ -153,7 +153,9 @@ def _build_lines(entry: dict) -> list[str]:
             + (" (rehearsal: not compiled; the extension already built here was checked)" if entry.get("rehearsed")
                else "")
             + f"; machine code in the extension: {verify.get('machine_code', '?')}; "
-            f"CUDA kernels registered: {verify.get('cuda_kernels_registered', '?')}", ""]
+            f"CUDA kernels registered: {verify.get('cuda_kernels_registered', '?')}; "
+            f"kernels in it: {verify.get('kernels', '?')}, the sanitizer's filter misses "
+            f"{verify.get('kernels_the_sanitizer_filter_misses') or 'none'}", ""]
 
 
 def _smoke_lines(entry: dict) -> list[str]:

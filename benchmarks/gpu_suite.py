@@ -59,7 +59,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import gpu_report  # noqa: E402
-from gpu_work import find_tool  # noqa: E402
+from gpu_work import KERNEL_NAMESPACE, find_tool  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,9 @@ MARGIN_S = 20  # at most this, and at most a tenth of the budget, is kept for wr
 EXTRA_STEPS = {"racecheck": (60, 20), "torch_compile": (150, 60), "train": (90, 30)}
 PER_TEST_TIMEOUT_S = 60
 COMPILE_TEST_TIMEOUT_S = 150
-# Our kernels live in the C++ namespace densenet_efficient (csrc/cuda/): the
-# sanitizer instruments the kernels whose names contain it, and no other.
-KERNEL_FILTER = "kns=densenet_efficient"
+# The sanitizer instruments the kernels whose names contain our namespace and
+# no other (verify-build checks that every kernel of ours has it).
+KERNEL_FILTER = f"kns={KERNEL_NAMESPACE}"
 SANITIZER_PRINT_LIMIT = 50
 HANG = [sys.executable, "-c", "import time; time.sleep(3600)"]
 KILL_WAIT_S = 5
@@ -213,6 +213,7 @@ class Suite:
         self.out.mkdir(parents=True, exist_ok=True)
         for name in FILES:  # a file left by an earlier run would pass for this one's
             (self.out / name).unlink(missing_ok=True)
+            (self.out / (name + ".tmp")).unlink(missing_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix="gpu_suite_"))  # records and JUnit files not kept
         self.env = dict(os.environ, PYTHONUNBUFFERED="1",  # logs must hold what a killed process printed
                         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
@@ -547,7 +548,11 @@ def main(argv=None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    suite = Suite(args, sys.argv if argv is None else ["gpu_suite.py", *argv], started)
+    try:
+        suite = Suite(args, sys.argv if argv is None else ["gpu_suite.py", *argv], started)
+    except OSError as error:
+        sys.stderr.write(f"gpu_suite: error: cannot write results to {args.out}: {error.strerror or error}\n")
+        return 2
     try:
         return suite.run()
     except SuiteKilled as killed:

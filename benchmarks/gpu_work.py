@@ -28,6 +28,9 @@ sys.path.insert(0, str(ROOT))
 # Where the CUDA tools are found when they are not on PATH (torch's wheels
 # bring no cuobjdump; Triton's package carries one).
 CUDA_BIN = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin"
+# The C++ namespace of our kernels (csrc/cuda/): the sanitizer's filter is
+# the kernels whose names contain it.
+KERNEL_NAMESPACE = "densenet_efficient"
 
 
 class Records:
@@ -125,14 +128,19 @@ def verify_build(device: str, records: Records) -> bool:
     library = next((ROOT / "densenet_efficient").glob("_C*.so"), None)
     cuobjdump = find_tool("cuobjdump")
     listing = tool_output([cuobjdump, "-lelf", str(library)]) if cuobjdump and library else None
+    symbols = tool_output([cuobjdump, "-symbols", str(library)]) if cuobjdump and library else None
+    kernels = {line.split()[-1] for line in (symbols or "").splitlines() if "STO_ENTRY" in line}
     record = {
         "extension": library.name if library else None,
         "extension_mib": round(library.stat().st_size / 2**20, 1) if library else None,
         "built_with": built_with(),
         "cuda_kernels_registered": cuda_kernels_registered(),
         "machine_code": sorted(set(re.findall(r"sm_\d+a?", listing))) if listing else "unknown (no cuobjdump)",
+        # The sanitizer checks only kernels it matches: all of ours must be.
+        "kernels": len(kernels) if symbols else None,
+        "kernels_the_sanitizer_filter_misses": sorted(k for k in kernels if KERNEL_NAMESPACE not in k),
     }
-    ok = record["extension"] is not None
+    ok = record["extension"] is not None and not record["kernels_the_sanitizer_filter_misses"]
     if device == "cuda":
         arch = "sm_%d%d" % torch.cuda.get_device_capability(0)
         record["gpu_arch"] = arch

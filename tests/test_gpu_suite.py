@@ -72,7 +72,9 @@ def test_a_rehearsal_runs_every_stage_into_few_shallow_files(rehearsal, gpu_suit
     assert {name: s["status"] for name, s in report["stages"].items()} == dict.fromkeys(gpu_suite.STAGE_NAMES, "ok")
     stages = report["stages"]
     assert stages["environment"]["record"]["gpu"] == "none" and stages["environment"]["record"]["torch"]
-    assert stages["build"]["rehearsed"] and stages["build"]["verify"]["extension"].startswith("_C")
+    verify = stages["build"]["verify"]
+    assert stages["build"]["rehearsed"] and verify["extension"].startswith("_C")
+    assert verify["kernels_the_sanitizer_filter_misses"] == []
     assert [row["dtype"] for row in stages["smoke"]["blocks"]] == ["float32", "float16"]
     pytest_summary = stages["tests"]["pytest"]
     assert pytest_summary["tests"] > 100 and pytest_summary["skipped"] == pytest_summary["tests"]
@@ -179,6 +181,13 @@ def test_bad_arguments_give_one_line_and_status_2(tmp_path, args, message):
     assert done.stderr.startswith("gpu_suite: error: ") and done.stderr.count("\n") == 1, done.stderr
     assert message in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_gives_one_line_and_status_2(tmp_path):
+    (tmp_path / "file").write_text("")
+    done = run_suite("--rehearse", "--out", str(tmp_path / "file" / "out"), timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("gpu_suite: error: cannot write results to ")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
