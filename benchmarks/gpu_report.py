@@ -68,11 +68,20 @@ def pytest_log_summary(log: str) -> dict:
     return {**counts, "failed_ids": failed, "running_when_stopped": running}
 
 
-def sanitizer_errors(log: str) -> int | None:
-    """compute-sanitizer's "ERROR SUMMARY: N errors" (the last one), or None
-    when it printed none (it did not get that far)."""
-    found = re.findall(r"ERROR SUMMARY: (\d+) errors?", log)
-    return int(found[-1]) if found else None
+SANITIZER_SUMMARY = re.compile(
+    r"ERROR SUMMARY: (\d+) errors?"  # memcheck (and initcheck, synccheck)
+    r"|RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?, \d+ warnings?\)"  # racecheck
+)
+
+
+def sanitizer_summary(log: str) -> tuple[int, str] | None:
+    """The error count of compute-sanitizer's last summary line, and the
+    line; None when it printed none (it did not get that far)."""
+    found = list(SANITIZER_SUMMARY.finditer(log))
+    if not found:
+        return None
+    last = found[-1]
+    return int(last.group(1) or last.group(2)), last.group(0)
 
 
 # --- results.md -----------------------------------------------------------------

@@ -373,9 +373,11 @@ class Suite:
         step = entry["steps"].get(tool, {})
         if note:
             return f"{note}: {step.get('status')}"
-        errors = gpu_report.sanitizer_errors((self.out / f"{tool}.log").read_text(errors="replace"))
-        return (f"{errors} errors in our kernels (ERROR SUMMARY), rc {step.get('rc')}" if errors is not None
-                else f"no ERROR SUMMARY ({gpu_report.status_text(step)})")
+        summary = gpu_report.sanitizer_summary((self.out / f"{tool}.log").read_text(errors="replace"))
+        if summary is None:
+            return f"no summary from compute-sanitizer ({gpu_report.status_text(step)})"
+        errors, line = summary
+        return f"{errors} errors in our kernels ({line}), rc {step.get('rc')}"
 
     def pytest_command(self, tests: list[str], junit: Path, per_test_timeout: int, *options: str) -> list[str]:
         return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfE", "--tb=short",

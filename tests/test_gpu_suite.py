@@ -252,7 +252,9 @@ def test_sanitizer_commands_check_our_kernels_alone(gpu_suite, make_suite, tmp_p
     assert command[2] == "racecheck" and command[-1] == "--quick" and "PYTORCH_NO_CUDA_MEMORY_CACHING" not in env
     (tmp_path / "memcheck.log").write_text("========= Invalid __global__ read\n========= ERROR SUMMARY: 3 errors\n")
     entry = {"steps": {"memcheck": {"status": "failed", "rc": 1}}}
-    assert suite.sanitizer_result(entry, "memcheck", "") == "3 errors in our kernels (ERROR SUMMARY), rc 1"
+    assert suite.sanitizer_result(entry, "memcheck", "") == "3 errors in our kernels (ERROR SUMMARY: 3 errors), rc 1"
+    (tmp_path / "memcheck.log").write_text("Traceback (most recent call last):\n")
+    assert suite.sanitizer_result(entry, "memcheck", "") == "no summary from compute-sanitizer (failed (rc 1))"
 
 
 def test_the_check_case_catches_a_write_outside_its_view():
@@ -300,11 +302,14 @@ def test_pytest_summaries_from_junit_and_from_a_log_cut_short(tmp_path):
     assert summary["passed"] == 1 and summary["running_when_stopped"] == "test_sample.py::test_passes_too"
 
 
-def test_sanitizer_error_count():
+def test_sanitizer_summaries_of_memcheck_and_racecheck():
     gpu_report = load("gpu_report")
-    assert gpu_report.sanitizer_errors("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n") == 0
-    assert gpu_report.sanitizer_errors("========= ERROR SUMMARY: 1 error\n") == 1
-    assert gpu_report.sanitizer_errors("========= COMPUTE-SANITIZER\nTraceback ...\n") is None
+    summary = gpu_report.sanitizer_summary
+    assert summary("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n") == (0, "ERROR SUMMARY: 0 errors")
+    assert summary("========= ERROR SUMMARY: 1 error\n") == (1, "ERROR SUMMARY: 1 error")
+    racecheck = "========= RACECHECK SUMMARY: 4 hazards displayed (2 errors, 2 warnings)\n"
+    assert summary(racecheck) == (2, "RACECHECK SUMMARY: 4 hazards displayed (2 errors, 2 warnings)")
+    assert summary("========= COMPUTE-SANITIZER\nTraceback ...\n") is None
 
 
 def test_markdown_renders_what_only_a_gpu_run_produces(tmp_path):
@@ -330,7 +335,7 @@ def test_markdown_renders_what_only_a_gpu_run_produces(tmp_path):
                       "pytest": {"passed": 40, "failed": 1, "error": 0, "skipped": 0, "xfail": 0, "xpass": 0,
                                  "failed_ids": ["tests/test_cuda.py::test_x"],
                                  "running_when_stopped": "tests/test_cuda.py::test_y"},
-                      "memcheck": "0 errors in our kernels (ERROR SUMMARY), rc 0"},
+                      "memcheck": "0 errors in our kernels (ERROR SUMMARY: 0 errors), rc 0"},
             "kernels": {"status": "failed", "rc": 1, "seconds": 10, "cap_s": 30, "rows": [
                 kernel, {k: v for k, v in kernel.items() if k not in ("ms", "GB/s", "fraction_of_copy")}
                 | {"error": "CUDA error: an illegal memory access"}]},
