@@ -89,8 +89,9 @@ def sanitizer_summary(log: str) -> tuple[int, str] | None:
 
 def status_text(entry: dict) -> str:
     status = entry.get("status", "?")
-    if status == "failed" and entry.get("rc") is not None:
-        return f"failed (rc {entry['rc']})"
+    if status == "failed":
+        detail = f"rc {entry['rc']}" if entry.get("rc") is not None else entry.get("why")
+        return f"failed ({detail})" if detail else status
     if status in ("skipped", "killed") and entry.get("why"):
         return f"{status}: {entry['why']}"
     return status

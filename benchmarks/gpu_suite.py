@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ REHEARSAL_MODEL_ROWS = [("naive", "fp32"), ("efficient+recompute", "bf16")]
 KERNEL_SHAPE, REHEARSAL_KERNEL_SHAPE = "64,1000,32,32", "2,8,8,8"
 
 
-class SuiteKilled(Exception):
+class SuiteKilled(BaseException):  # not an Exception: a stage's error handling must not swallow it
     def __init__(self, signum: int):
         super().__init__(f"signal {signum}")
         self.signum = signum
@@ -310,10 +311,15 @@ class Suite:
 
     @staticmethod
     def read_records(path: Path) -> list[dict]:
-        """What a gpu_work.py process recorded (nothing, if it died first)."""
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """What a gpu_work.py process recorded (nothing, if it died first;
+        not the half line it was writing when killed)."""
+        records = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+        return records
 
     # --- stages -------------------------------------------------------------
 
@@ -483,9 +489,16 @@ class Suite:
         begun = time.monotonic()
         try:
             getattr(self, f"stage_{stage.name}")(entry, until)
+            entry.update(combined_status(entry.get("steps", {})))
+        except Exception as error:  # a slip of this script costs its stage, not the stages after it
+            for running in list(self.running):
+                self.stop(running)
+            self.running.clear()
+            entry.update(status="failed", rc=None, why=f"gpu_suite: {error!r}")
+            with open(self.out / "stages.log", "a") as log:
+                log.write(f"===== {stage.name}: gpu_suite failed\n{traceback.format_exc()}")
         finally:
             entry["seconds"] = round(time.monotonic() - begun, 1)
-        entry.update(combined_status(entry.get("steps", {})))
         self.say(f"{stage.name}: {gpu_report.status_text(entry)} ({entry['seconds']:.0f} s)")
         self.save()
 

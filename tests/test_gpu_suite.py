@@ -239,6 +239,29 @@ def test_a_failed_build_skips_the_stages_that_need_it(make_suite, tmp_path, monk
         assert stages[name]["why"] == "no extension (build: failed (rc 1))"
 
 
+def test_a_slip_in_a_stage_costs_that_stage_alone(make_suite, tmp_path, monkeypatch):
+    suite = make_suite("--rehearse", "--stages", "smoke,kernels")
+    monkeypatch.setattr(suite, "stage_environment", lambda entry, until: entry.update(record={"gpu": "none"}))
+
+    def slip(entry, until):
+        raise KeyError("rows")
+
+    monkeypatch.setattr(suite, "stage_smoke", slip)
+    monkeypatch.setattr(suite, "stage_kernels", lambda entry, until: entry.update(steps={"kernels": {"status": "ok"}}))
+    assert suite.run() == 1
+    stages = results(tmp_path)["stages"]
+    assert stages["smoke"]["status"] == "failed" and stages["smoke"]["why"] == "gpu_suite: KeyError('rows')"
+    assert "| smoke | failed (gpu_suite: KeyError('rows')) |" in (tmp_path / "results.md").read_text()
+    assert stages["kernels"]["status"] == "ok"
+    assert "KeyError: 'rows'" in (tmp_path / "stages.log").read_text()
+
+
+def test_records_of_a_killed_process_are_read_up_to_its_half_line(gpu_suite, tmp_path):
+    (tmp_path / "records.jsonl").write_text('{"row": 1}\n{"row": ')
+    assert gpu_suite.Suite.read_records(tmp_path / "records.jsonl") == [{"row": 1}]
+    assert gpu_suite.Suite.read_records(tmp_path / "never-written.jsonl") == []
+
+
 def test_sanitizer_commands_check_our_kernels_alone(gpu_suite, make_suite, tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_suite, "find_tool", lambda name: f"/opt/cuda/bin/{name}")
     suite = make_suite()
