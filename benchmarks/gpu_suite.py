@@ -54,6 +54,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -199,7 +200,7 @@ def combined_status(steps: dict) -> dict:
 class Running:
     name: str
     process: subprocess.Popen
-    log: object
+    log: TextIO
     started: float
 
 
@@ -268,15 +269,16 @@ class Suite:
         return running
 
     def stop(self, running: Running) -> None:
-        if running.process.poll() is None:
-            try:
-                os.killpg(running.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            try:
-                running.process.wait(timeout=KILL_WAIT_S)
-            except subprocess.TimeoutExpired:
-                pass  # stuck in the driver: recorded as a timeout all the same
+        """Kills the step's process group: the step if it still runs, and
+        whatever it left behind when it ended (compile workers, say)."""
+        try:
+            os.killpg(running.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone
+        try:
+            running.process.wait(timeout=KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            pass  # stuck in the driver: recorded as a timeout all the same
 
     def finish(self, running: Running, until: float) -> dict:
         """Waits for a step until `until`, then kills it; its outcome."""
