@@ -559,17 +559,17 @@ class Suite:
 def main(argv=None) -> int:
     started = time.monotonic()
     args = parse_arguments(argv)
+    try:
+        suite = Suite(args, sys.argv if argv is None else ["gpu_suite.py", *argv], started)
+    except OSError as error:
+        sys.stderr.write(f"gpu_suite: error: cannot write results to {args.out}: {error.strerror or error}\n")
+        return 2
 
     def on_signal(signum, frame):
         raise SuiteKilled(signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    try:
-        suite = Suite(args, sys.argv if argv is None else ["gpu_suite.py", *argv], started)
-    except OSError as error:
-        sys.stderr.write(f"gpu_suite: error: cannot write results to {args.out}: {error.strerror or error}\n")
-        return 2
     try:
         return suite.run()
     except SuiteKilled as killed:
