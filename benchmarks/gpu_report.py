@@ -111,9 +111,11 @@ def _environment_lines(suite: dict, env: dict) -> list[str]:
     if suite.get("rehearsal"):
         lines += ["**Rehearsal on CPU**: the GPU stages' plumbing, run on the CPU with tiny shapes; "
                   "no number below describes a GPU.", ""]
+    gpu = env.get("gpu", "?")
+    if env.get("capability") not in (None, "none"):
+        gpu += f" (capability {env['capability']}, {env.get('gpu_memory_gib')} GiB, driver {env.get('driver', '?')})"
     lines += [
-        f"commit `{suite.get('commit')}`; GPU {env.get('gpu', '?')} (capability {env.get('capability', '?')}, "
-        f"{env.get('gpu_memory_gib', '?')} GiB, driver {env.get('driver', '?')}); torch {env.get('torch', '?')} "
+        f"commit `{suite.get('commit')}`; GPU {gpu}; torch {env.get('torch', '?')} "
         f"(CUDA {env.get('torch_cuda', '?')}, cuDNN {env.get('cudnn', '?')}); nvcc {env.get('nvcc', '?')}; "
         f"compute-sanitizer {env.get('compute_sanitizer', '?')}; Python {env.get('python', '?')}; "
         f"{env.get('cpu_count', '?')} CPUs",

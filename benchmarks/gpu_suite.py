@@ -338,7 +338,7 @@ class Suite:
     def stage_build(self, entry: dict, until: float) -> None:
         capability = self.capability()
         if capability is None:
-            capability, entry["arch_note"] = "9.0", "GPU capability unknown: built for 9.0 (H100/H200)"
+            capability, entry["arch_note"] = "9.0", "no GPU capability recorded: 9.0 assumed (H100/H200)"
         env = build_environment(capability, self.env)
         entry.update(arch=env["TORCH_CUDA_ARCH_LIST"], max_jobs=env["MAX_JOBS"], cuda_home=env.get("CUDA_HOME"))
         compile_command = [sys.executable, "setup.py", "build_ext", "--inplace"]
