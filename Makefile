@@ -31,7 +31,7 @@ CXX17_DIR := build/cxx17
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "setuptools>=64,<82" wheel
-	$(PY) -m pip install -q $(TORCH_PACKAGES) pytest numpy ninja matplotlib pytest-benchmark scikit-learn timm monai
+	$(PY) -m pip install -q $(TORCH_PACKAGES) pytest pytest-timeout numpy ninja matplotlib pytest-benchmark scikit-learn timm monai
 	touch $@
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
