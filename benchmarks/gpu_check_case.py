@@ -89,7 +89,8 @@ class Case:
 
     def per_channel_ops(self, dtype: torch.dtype, plane, layout: str) -> None:
         """Each per-channel operator once (the backward ones with batch and
-        with running statistics), reading views of `layout`, writing guarded views."""
+        with running statistics, and in synchronised BatchNorm's two passes),
+        reading views of `layout`, writing guarded views."""
         where = f"{dtype} plane {plane} {layout}"
         stats_dtype = math_dtype(dtype)
         x, grad = self.input(layout, plane, dtype), self.input(layout, plane, dtype)
@@ -126,7 +127,19 @@ class Case:
             finite = all(t.isfinite().all() for t in (*grads, total))
             if not finite:
                 raise AssertionError(f"bn_relu_backward: non-finite gradients ({where}, batch_stats={batch_stats})")
-        self.operator_calls += 9
+
+        # Synchronised BatchNorm's two passes apart (this batch as the global one).
+        sums = ops.bn_relu_backward_sums(grad, x, mean, var, weight, bias, EPS)
+        count = torch.tensor(BATCH * math.prod(plane), dtype=torch.int64, device=self.device)
+        for accumulate in (False, True):
+            flat, written = self.guarded(layout, plane, dtype)
+            if accumulate:
+                written.zero_()
+            ops.bn_relu_backward_input(grad, x, mean, var, weight, bias, EPS, *sums, count, accumulate, written)
+            self.check_untouched(flat, layout, plane, "bn_relu_backward_input")
+            if not written.isfinite().all():
+                raise AssertionError(f"bn_relu_backward_input: non-finite gradients ({where})")
+        self.operator_calls += 12
 
         # Two norms reading one flat statistics vector at offsets, one with
         # momentum and one with a cumulative average.
@@ -134,7 +147,6 @@ class Case:
         running_mean = [torch.zeros(n, dtype=stats_dtype, device=self.device) for n in (CHANNELS, 2)]
         running_var = [torch.ones(n, dtype=stats_dtype, device=self.device) for n in (CHANNELS, 2)]
         tracked = [torch.zeros((), dtype=torch.int64, device=self.device) for _ in range(2)]
-        count = torch.tensor(BATCH * math.prod(plane), dtype=torch.int64, device=self.device)
         ops.update_running_stats(running_mean, running_var, tracked, [0.1, None], [0, CHANNELS], batch_mean,
                                  batch_var, count)
         if not all(int(t) == 1 for t in tracked) or not running_mean[1].isfinite().all():
