@@ -21,12 +21,24 @@ CPU_TESTS := test_smoke.py test_block_parity.py test_ops.py test_memory.py test_
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
-# torch 2.11 (the GPU machine's) builds extensions as C++17; the torch here
-# needs C++20. This compiles every C++ source as C++17 against 2.11's headers.
-CXX17_TORCH ?= torch==2.11.0
+# torch 2.11.0: the oldest torch pyproject.toml admits and the GPU machine's.
+# Its wheel (a CUDA build, 530 MB) is downloaded once into MIN_TORCH_DIR and
+# serves twice: its headers for check-cxx17, the wheel itself for the
+# min-torch-suites environment.
+MIN_TORCH ?= torch==2.11.0
+MIN_TORCHVISION ?= torchvision==0.26.0
+MIN_TORCH_DIR := build/$(subst ==,-,$(MIN_TORCH))
+# torch 2.11 builds extensions as C++17; the torch here needs C++20. This
+# compiles every C++ source as C++17 against 2.11's headers.
 CXX17_DIR := build/cxx17
+# Third environment: that torch, running the core suites on the CPU, plus the
+# GPU script's CPU rehearsal and (collected, skipped without a GPU) the CUDA
+# tests, which catch import and API slips against 2.11.
+MIN_TORCH_VENV ?= .venv-min-torch
+MIN_TORCH_SRC := build/min-torch-src
+MIN_TORCH_TESTS := $(CPU_TESTS) test_gpu_suite.py test_cuda.py
 
-.PHONY: test demo bench build cpu-smoke check-cxx17 check-cuda-arch clean
+.PHONY: test demo bench build cpu-smoke min-torch-suites min-torch-wheel check-cxx17 check-cuda-arch clean
 
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
@@ -53,23 +65,39 @@ bench: build
 	  --benchmark-only --benchmark-columns=min,median,max,rounds --benchmark-sort=name \
 	  --benchmark-json=benchmarks/results/cpu-microbench-$$(date -u +%Y-%m-%d).json
 
-# Builds a copy of the tree (so the editable build above is left alone) and
-# runs the smoke test and the core suites against the installed package, from
-# outside the tree.
-cpu-smoke:
-	test -x $(CPU_VENV)/bin/python || $(PYTHON) -m venv $(CPU_VENV)
-	$(CPU_VENV)/bin/python -m pip install -q --upgrade "setuptools>=64,<82" wheel
-	$(CPU_VENV)/bin/python -m pip install -q $(CPU_TORCH) pytest numpy ninja
-	rm -rf $(CPU_SRC) && mkdir -p $(CPU_SRC)
-	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(CPU_SRC)
-	cd $(CPU_SRC) && env -u DENSENET_EFFICIENT_CUDA $(abspath $(CPU_VENV))/bin/python -m pip install -q --no-build-isolation --no-deps .
-	cd /tmp && $(abspath $(CPU_VENV))/bin/pytest -q -p no:cacheprovider $(addprefix $(abspath tests)/,$(CPU_TESTS))
+# $(call installed_suites,VENV,PACKAGES,SRC,BUILD ENV,TESTS): installs
+# PACKAGES (torch and test tools) into VENV (created on first use), builds a
+# copy of the tree in SRC (so the editable build above is left alone) under
+# `env BUILD ENV`, and runs TESTS against the installed package, from outside
+# the tree (tests/conftest.py is still found: it sits beside the tests).
+define installed_suites
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade "setuptools>=64,<82" wheel
+	$(1)/bin/python -m pip install -q $(2) pytest numpy ninja
+	rm -rf $(3) && mkdir -p $(3)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(3)
+	cd $(3) && env $(4) $(abspath $(1))/bin/python -m pip install -q --no-build-isolation --no-deps .
+	cd /tmp && $(abspath $(1))/bin/pytest -q -p no:cacheprovider $(addprefix $(abspath tests)/,$(5))
+endef
 
-check-cxx17: $(VENV)/.installed
-	test -d $(CXX17_DIR)/torch/include || { \
-	  mkdir -p $(CXX17_DIR) && \
-	  $(PY) -m pip download -q --no-deps -d $(CXX17_DIR) $(CXX17_TORCH) && \
-	  unzip -q -o $(CXX17_DIR)/torch-*.whl 'torch/include/*' -d $(CXX17_DIR); }
+# The smoke test and the core suites against the CPU-only torch, setup.py
+# choosing the CPU-only build by itself.
+cpu-smoke:
+	$(call installed_suites,$(CPU_VENV),$(CPU_TORCH),$(CPU_SRC),-u DENSENET_EFFICIENT_CUDA,$(CPU_TESTS))
+
+# The core suites against the oldest torch we support (the GPU machine's), on
+# the CPU: its CUDA build runs there; our CUDA sources are left out of this
+# build (check-cxx17 compiles them against its headers).
+min-torch-suites: min-torch-wheel
+	$(call installed_suites,$(MIN_TORCH_VENV),$(MIN_TORCH_DIR)/torch-*.whl $(MIN_TORCHVISION) pytest-timeout,$(MIN_TORCH_SRC),DENSENET_EFFICIENT_CUDA=0,$(MIN_TORCH_TESTS))
+
+min-torch-wheel:
+	ls $(MIN_TORCH_DIR)/torch-*.whl >/dev/null 2>&1 || \
+	  $(PYTHON) -m pip download -q --no-deps -d $(MIN_TORCH_DIR) $(MIN_TORCH)
+
+check-cxx17: $(VENV)/.installed min-torch-wheel
+	test -d $(CXX17_DIR)/torch/include || \
+	  unzip -q -o $(MIN_TORCH_DIR)/torch-*.whl 'torch/include/*' -d $(CXX17_DIR)
 	set -e; includes="-I$(CXX17_DIR)/torch/include -I$(CXX17_DIR)/torch/include/torch/csrc/api/include \
 	  -I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])")"; \
 	for f in csrc/*.cpp csrc/cpu/*.cpp; do $(CXX) -std=c++17 -fsyntax-only -fopenmp $$includes $$f; done; \
@@ -77,7 +105,7 @@ check-cxx17: $(VENV)/.installed
 	  cuda_libraries=$$(ls -d $$($(PY) -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")/nvidia/*/include | sed 's/^/-I/'); \
 	  for f in $(wildcard csrc/cuda/*.cu); do \
 	  $(CUDA_HOME)/bin/nvcc -std=c++17 -arch=sm_90 -c $$f -o $(CXX17_DIR)/cuda-check.o $$includes $$cuda_libraries; done; fi
-	@echo "C++17 against $(CXX17_TORCH) headers: ok"
+	@echo "C++17 against $(MIN_TORCH) headers: ok"
 
 # The built extension must carry machine code for every architecture asked for.
 check-cuda-arch: build
