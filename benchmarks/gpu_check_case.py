@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the tree, unless a densenet_efficient is importable
 
 import densenet_efficient as de  # noqa: E402
 from densenet_efficient import fused  # noqa: E402

@@ -90,6 +90,7 @@ MARGIN_S = 20  # at most this, and at most a tenth of the budget, is kept for wr
 # Steps of the extras stage: (cap, needs) in seconds.
 EXTRA_STEPS = {"racecheck": (60, 20), "torch_compile": (150, 60), "train": (90, 30)}
 PER_TEST_TIMEOUT_S = 60
+PYTEST_NO_TESTS = 5  # pytest's exit status when it collected no test
 COMPILE_TEST_TIMEOUT_S = 150
 # The sanitizer instruments the kernels whose names contain our namespace and
 # no other (verify-build checks that every kernel of ours has it).
@@ -219,8 +220,16 @@ class Suite:
             (self.out / name).unlink(missing_ok=True)
             (self.out / (name + ".tmp")).unlink(missing_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix="gpu_suite_"))  # records and JUnit files not kept
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1",  # logs must hold what a killed process printed
-                        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")  # logs must hold what a killed process printed
+        # On the GPU the extension is built in place: the tree is the package,
+        # and processes start there. A rehearsal checks the package this
+        # interpreter imports (an editable install, or one CI installed for
+        # another torch), which the tree must not shadow: its processes start
+        # in the scratch folder (`python -m pytest` puts the folder it starts
+        # in first on the path).
+        if not self.rehearsal:
+            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        self.workdir = self.scratch if self.rehearsal else ROOT
         self.running: list[Running] = []
         self.record_files = itertools.count()
         self.report = {
@@ -264,7 +273,7 @@ class Suite:
         # Its own process group, so that a kill reaches what it started (ninja
         # and nvcc, the sanitizer's target); the same session, so that whoever
         # ends this command's session ends them too.
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env or self.env,
+        process = subprocess.Popen(command, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env or self.env,
                                    process_group=0)
         running = Running(name, process, log, time.monotonic())
         self.running.append(running)
@@ -309,6 +318,14 @@ class Suite:
             entry["steps"][running.name] = dict(self.finish(running, until), timeout_s=limit)
             self.save()
 
+    def pytest_ran_nothing(self, entry: dict, name: str) -> None:
+        """pytest's status 5, no test collected (every test deselected or
+        its module skipped for a missing package), is no failure."""
+        step = entry["steps"][name]
+        if step.get("rc") == PYTEST_NO_TESTS:
+            step.update(status="skipped", why="pytest collected no test to run")
+            self.save()
+
     def skip_step(self, entry: dict, name: str, why: str) -> None:
         entry.setdefault("steps", {})[name] = {"status": "skipped", "why": why}
         self.save()
@@ -343,7 +360,7 @@ class Suite:
             capability, entry["arch_note"] = "9.0", "no GPU capability recorded: 9.0 assumed (H100/H200)"
         env = build_environment(capability, self.env)
         entry.update(arch=env["TORCH_CUDA_ARCH_LIST"], max_jobs=env["MAX_JOBS"], cuda_home=env.get("CUDA_HOME"))
-        compile_command = [sys.executable, "setup.py", "build_ext", "--inplace"]
+        compile_command = [sys.executable, str(ROOT / "setup.py"), "build_ext", "--inplace"]
         if self.rehearsal:
             entry["rehearsed"] = True
             self.skip_step(entry, "compile", f"rehearsal: `{shlex.join(compile_command)}` not run; "
@@ -401,7 +418,7 @@ class Suite:
     def stage_tests(self, entry: dict, until: float) -> None:
         junit = self.out / "junit.xml"
         # Without a GPU every CUDA test skips: one file rehearses the plumbing.
-        tests = ["tests/test_cuda.py"] if self.rehearsal else ["tests"]
+        tests = [str(ROOT / "tests" / "test_cuda.py")] if self.rehearsal else [str(ROOT / "tests")]
         cuda_tests = self.pytest_command(tests, junit, PER_TEST_TIMEOUT_S, "-m", "cuda", "-k", "not torch_compile")
         steps = [("pytest", cuda_tests, "tests.log")]
         memcheck, env, note = self.check_case("memcheck", quick=False)
@@ -410,6 +427,7 @@ class Suite:
         else:
             steps.append(("memcheck", memcheck, "memcheck.log", env))
         self.run_steps("tests", entry, steps, until)
+        self.pytest_ran_nothing(entry, "pytest")
         entry["pytest"] = self.tests_summary(junit, "tests.log")
         entry["memcheck"] = self.sanitizer_result(entry, "memcheck", note) if memcheck else note
 
@@ -460,13 +478,14 @@ class Suite:
                 continue
             junit = self.scratch / f"{name}.xml"
             if name == "torch_compile":
-                command = self.pytest_command(["tests/test_cuda.py"], junit, COMPILE_TEST_TIMEOUT_S,
+                command = self.pytest_command([str(ROOT / "tests" / "test_cuda.py")], junit, COMPILE_TEST_TIMEOUT_S,
                                               "-k", "torch_compile")
             else:  # the train tests pick the GPU themselves (--device auto); the rehearsal runs the quickest
-                command = self.pytest_command(["tests/test_train.py"], junit, PER_TEST_TIMEOUT_S,
+                command = self.pytest_command([str(ROOT / "tests" / "test_train.py")], junit, PER_TEST_TIMEOUT_S,
                                               *(["-k", "augmentation"] if self.rehearsal else []))
             log_start = (self.out / "stages.log").stat().st_size
             self.run_steps("extras", entry, [(name, command, "stages.log")], step_until)
+            self.pytest_ran_nothing(entry, name)
             if junit.exists():
                 entry["tests"][name] = gpu_report.junit_summary(junit)
             else:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # the tree, unless a densenet_efficient is importable already
 
 # Where the CUDA tools are found when they are not on PATH (torch's wheels
 # bring no cuobjdump; Triton's package carries one).
@@ -122,10 +122,10 @@ def verify_build(device: str, records: Records) -> bool:
     code for this GPU."""
     import torch
 
-    from densenet_efficient import _ops  # noqa: F401  (loads the extension)
+    from densenet_efficient import _ops  # loads the extension
     from densenet_efficient.build_info import built_with, cuda_kernels_registered
 
-    library = next((ROOT / "densenet_efficient").glob("_C*.so"), None)
+    library = next(Path(_ops.__file__).parent.glob("_C*.so"), None)
     cuobjdump = find_tool("cuobjdump")
     listing = tool_output([cuobjdump, "-lelf", str(library)]) if cuobjdump and library else None
     symbols = tool_output([cuobjdump, "-symbols", str(library)]) if cuobjdump and library else None

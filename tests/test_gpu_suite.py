@@ -84,7 +84,10 @@ def test_a_rehearsal_runs_every_stage_into_few_shallow_files(rehearsal, gpu_suit
     assert [(r["mode"], r["precision"], r["result"]) for r in stages["models"]["rows"]] == [
         ("naive", "fp32", "ok"), ("efficient+recompute", "bf16", "ok")]
     assert set(stages["extras"]["steps"]) == {"racecheck", "torch_compile", "train"}
-    assert stages["extras"]["tests"]["train"]["passed"] == 1
+    if importlib.util.find_spec("sklearn"):  # the train tests' digits
+        assert stages["extras"]["tests"]["train"]["passed"] == 1
+    else:  # they skip their module: pytest's "no test collected" is no failure
+        assert stages["extras"]["steps"]["train"]["why"] == "pytest collected no test to run"
 
     text = (out / "results.md").read_text()
     assert "Rehearsal on CPU" in text and "commit `abc1234`" in text
