@@ -1,5 +1,6 @@
 """CPU micro-benchmarks (``make bench``; not part of ``make test``): our
-per-channel operators against their ATen equivalents, a dense block's forward
+per-channel operators in float32, bfloat16 and float16 against their ATen
+equivalents (in float32), a dense block's forward
 + backward per mode, and a DenseNet-BC-100-12 training step per mode (the CPU
 target: efficient within 1.2x of naive)."""
 
@@ -16,10 +17,13 @@ MODES = {"naive": ("naive", False), "checkpoint": ("checkpoint", False),
 SHAPE = (16, 256, 32, 32)
 
 
-@pytest.fixture(scope="module")
-def per_channel():
+# The per-channel operators in every precision a user can pick (float32
+# BatchNorm parameters, as under autocast); ATen's references in float32.
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16, torch.float16],
+                ids=["float32", "bfloat16", "float16"])
+def per_channel(request):
     torch.manual_seed(0)
-    x = torch.randn(SHAPE)
+    x = torch.randn(SHAPE).to(request.param)
     weight, bias = torch.rand(SHAPE[1]) + 0.5, torch.randn(SHAPE[1]) * 0.1
     mean, var = ops.channel_stats(x)
     return {"x": x, "weight": weight, "bias": bias, "mean": mean, "var": var,
@@ -37,6 +41,12 @@ def test_aten_var_mean(benchmark, per_channel):
     benchmark(torch.var_mean, per_channel["x"], (0, 2, 3))
 
 
+@pytest.mark.benchmark(group=f"channel statistics {list(SHAPE)}")
+def test_copy_with_stats(benchmark, per_channel):
+    t = per_channel
+    benchmark(ops.copy_with_stats, t["x"], t["out"], t["mean"], t["var"])
+
+
 @pytest.mark.benchmark(group=f"batch norm + relu forward {list(SHAPE)}")
 def test_bn_relu_out(benchmark, per_channel):
     t = per_channel
@@ -46,7 +56,14 @@ def test_bn_relu_out(benchmark, per_channel):
 @pytest.mark.benchmark(group=f"batch norm + relu forward {list(SHAPE)}")
 def test_aten_batch_norm_relu(benchmark, per_channel):
     t = per_channel
-    benchmark(lambda: F.batch_norm(t["x"], None, None, t["weight"], t["bias"], True).relu_())
+    x = t["x"].float()  # ATen's CPU batch norm wants one dtype throughout
+    benchmark(lambda: F.batch_norm(x, None, None, t["weight"], t["bias"], True).relu_())
+
+
+@pytest.mark.benchmark(group=f"batch norm + relu backward {list(SHAPE)}")
+def test_bn_relu_backward(benchmark, per_channel):
+    t = per_channel
+    benchmark(ops.bn_relu_backward, t["grad"], t["x"], t["mean"], t["var"], t["weight"], t["bias"], 1e-5, True)
 
 
 @pytest.mark.benchmark(group=f"batch norm + relu backward {list(SHAPE)}")
@@ -59,8 +76,8 @@ def test_bn_relu_backward_accumulate(benchmark, per_channel):
 @pytest.mark.benchmark(group=f"batch norm + relu backward {list(SHAPE)}")
 def test_aten_native_batch_norm_backward(benchmark, per_channel):
     t = per_channel
-    benchmark(torch.ops.aten.native_batch_norm_backward, t["grad"], t["x"], t["weight"], None, None, t["mean"],
-              t["invstd"], True, 1e-5, [True, True, True])
+    benchmark(torch.ops.aten.native_batch_norm_backward, t["grad"].float(), t["x"].float(), t["weight"], None, None,
+              t["mean"], t["invstd"], True, 1e-5, [True, True, True])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -3,6 +3,7 @@ float32/bfloat16/half within 2x of PyTorch's own error vs float64), gradcheck
 of the differentiable ones, and torch.library.opcheck of every one."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -203,6 +204,64 @@ def test_relu_gate_follows_the_stored_output_as_pytorch_does(device, dtype):
     torch.relu(y.to(dtype)).backward(grad)
     assert y.grad[0, 0, 0, 0] == 0  # the pinned case: y > 0, stored as 0, no gradient
     assert torch.equal(ours, y.grad.to(dtype))
+
+
+# Values of y at the edges of half's and bfloat16's rounding: the largest
+# that rounds to zero (half the smallest subnormal, a tie to even) and the
+# next float up, half's largest finite value and the next that overflows,
+# NaN and the infinities.
+EDGES = [2.0**-25, math.nextafter(2.0**-25, 1), 2.0**-134, math.nextafter(2.0**-134, 1), 65504.0, 65520.0, -0.0,
+         float("nan"), float("inf"), -float("inf"), 1 / 3, -1 / 3]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_relu_gate_at_the_rounding_edges(device, dtype):
+    """y = bn(x) = bias here, one edge value per channel: the gradient passes
+    exactly where PyTorch's relu of the stored output passes it."""
+    channels = len(EDGES)
+    x = torch.zeros(2, channels, 1, 2, dtype=dtype, device=device)
+    mean, var, weight = (torch.full((channels,), v, device=device) for v in (0.0, 1.0, 1.0))
+    bias = torch.tensor(EDGES, dtype=torch.float32, device=device)
+    grad = torch.ones_like(x)
+    ours = ops.bn_relu_backward(grad, x, mean, var, weight, bias, 0.0, False)[0]
+    y = (x.float() + bias.view(1, -1, 1, 1)).requires_grad_()
+    torch.relu(y.to(dtype)).backward(grad)
+    assert torch.equal(ours, y.grad.to(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_and_bfloat16_results_round_as_pytorch_rounds(device, dtype):
+    """Our stores of half and bfloat16 (their bits, converted by c10's
+    functions) equal PyTorch's casts bit for bit, the edges included, for the
+    same float y = x·scale + shift."""
+    channels = len(EDGES)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, channels, 5, 7, generator=g) * 3).to(dtype).to(device)
+    mean, var = torch.zeros(channels, device=device), torch.rand(channels, generator=g).to(device) + 0.5
+    weight = torch.rand(channels, generator=g).to(device) + 0.5
+    bias = torch.tensor(EDGES, device=device)
+    scale = weight * (1 / torch.sqrt(var + 1e-5))
+    shift = bias - mean * scale
+    y = x.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    def same_bits(a, b):  # NaN where the other is NaN (payloads differ between ATen's conversions)
+        nan = a.isnan()
+        return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan])
+
+    assert same_bits(ops.bn_relu(x, mean, var, weight, bias, 1e-5), torch.relu(y).to(dtype))
+    copy, stats = torch.empty_like(x), torch.empty(2, channels, device=device)
+    ops.copy_with_stats(x, copy, stats[0], stats[1])
+    assert same_bits(copy, x)
+    total = torch.zeros_like(x)
+    grad = torch.randn(x.shape, generator=g).to(dtype).to(device)
+    ours = ops.bn_relu_backward(grad, x, mean, var, weight, bias, 1e-5, False)[0]
+    ops.bn_relu_backward_accumulate(grad, x, mean, var, weight, bias, 1e-5, False, total)
+    # Fixed statistics: dx = γ·r·g in float, stored, where relu's stored
+    # output is not <= 0 (NaN passes, as in threshold_backward).
+    passes = ~(torch.relu(y).to(dtype).float() <= 0)
+    expected = (scale.view(1, -1, 1, 1) * grad.float()).where(passes, 0.0).to(dtype)
+    assert same_bits(ours, expected) and same_bits(total, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <utility>
 
 namespace densenet_efficient {
@@ -54,6 +55,67 @@ int64_t grain_for(int64_t plane_size) {
   return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, plane_size));
 }
 
+// How the per-plane loops read and write values, in the math type: float and
+// double as they are; half and bfloat16 through their 16 bits, with c10's own
+// conversions (so rounding is c10::Half's and c10::BFloat16's). Through the
+// c10 types themselves those loops did not vectorise (a struct copy per
+// store), which made the half and bfloat16 kernels ten times slower than
+// float's; the conversions' selects vectorise given -fno-trapping-math
+// (setup.py).
+template <typename scalar_t>
+struct Element {
+  using raw_t = scalar_t;
+  using math_t = at::opmath_type<scalar_t>;
+  static math_t load(raw_t v) {
+    return v;
+  }
+  static raw_t store(math_t v) {
+    return v;
+  }
+  // The largest value stored as zero or less.
+  static constexpr math_t zero_up_to = 0;
+};
+
+template <>
+struct Element<c10::BFloat16> {
+  using raw_t = uint16_t;
+  static float load(uint16_t bits) {
+    return c10::detail::f32_from_bits(bits);
+  }
+  static uint16_t store(float v) {
+    return c10::detail::round_to_nearest_even(v);
+  }
+  // Half the smallest bfloat16 (2^-133), which rounds to even: zero. Equal to
+  // load(store(y)) <= 0 for every float y (checked on all 2^32).
+  static constexpr float zero_up_to = 0x1p-134f;
+};
+
+template <>
+struct Element<c10::Half> {
+  using raw_t = uint16_t;
+  static float load(uint16_t bits) {
+    return c10::detail::fp16_ieee_to_fp32_value(bits);
+  }
+  static uint16_t store(float v) {
+    return c10::detail::fp16_ieee_from_fp32_value(v);
+  }
+  // Half the smallest half (2^-24), which rounds to even: zero. Equal to
+  // load(store(y)) <= 0 for every float y (checked on all 2^32).
+  static constexpr float zero_up_to = 0x1p-25f;
+};
+
+// The raw elements of a plane (c10::Half and c10::BFloat16 hold just their bits).
+template <typename scalar_t>
+const typename Element<scalar_t>::raw_t* raw(const scalar_t* p) {
+  static_assert(sizeof(typename Element<scalar_t>::raw_t) == sizeof(scalar_t));
+  return reinterpret_cast<const typename Element<scalar_t>::raw_t*>(p);
+}
+template <typename scalar_t>
+typename Element<scalar_t>::raw_t* raw(scalar_t* p) {
+  static_assert(sizeof(typename Element<scalar_t>::raw_t) == sizeof(scalar_t));
+  return reinterpret_cast<typename Element<scalar_t>::raw_t*>(p);
+}
+
 // Per-plane loops, written plainly with `omp simd` (reductions included) so
 // the compiler vectorises them for the target without reassociating anything
 // else. Arithmetic is in math_t (float for half/bfloat16/float); sums run in
@@ -62,14 +124,16 @@ int64_t grain_for(int64_t plane_size) {
 constexpr int64_t kSumBlock = 4096;
 
 template <typename scalar_t, typename math_t>
-double plane_sum(const scalar_t* x, int64_t n) {
+double plane_sum(const scalar_t* x_, int64_t n) {
+  using E = Element<scalar_t>;
+  const auto* x = raw(x_);
   double total = 0;
   for (int64_t start = 0; start < n; start += kSumBlock) {
     const int64_t end = std::min(n, start + kSumBlock);
     math_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = start; i < end; ++i) {
-      sum += static_cast<math_t>(x[i]);
+      sum += E::load(x[i]);
     }
     total += sum;
   }
@@ -78,7 +142,10 @@ double plane_sum(const scalar_t* x, int64_t n) {
 
 // Copies a plane and returns the sum of what it copied.
 template <typename scalar_t, typename math_t>
-double plane_copy_sum(const scalar_t* x, scalar_t* out, int64_t n) {
+double plane_copy_sum(const scalar_t* x_, scalar_t* out_, int64_t n) {
+  using E = Element<scalar_t>;
+  const auto* x = raw(x_);
+  auto* out = raw(out_);
   double total = 0;
   for (int64_t start = 0; start < n; start += kSumBlock) {
     const int64_t end = std::min(n, start + kSumBlock);
@@ -86,7 +153,7 @@ double plane_copy_sum(const scalar_t* x, scalar_t* out, int64_t n) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = start; i < end; ++i) {
       out[i] = x[i];
-      sum += static_cast<math_t>(x[i]);
+      sum += E::load(x[i]);
     }
     total += sum;
   }
@@ -94,14 +161,16 @@ double plane_copy_sum(const scalar_t* x, scalar_t* out, int64_t n) {
 }
 
 template <typename scalar_t, typename math_t>
-double plane_squared_deviations(const scalar_t* x, int64_t n, math_t mean) {
+double plane_squared_deviations(const scalar_t* x_, int64_t n, math_t mean) {
+  using E = Element<scalar_t>;
+  const auto* x = raw(x_);
   double total = 0;
   for (int64_t start = 0; start < n; start += kSumBlock) {
     const int64_t end = std::min(n, start + kSumBlock);
     math_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = start; i < end; ++i) {
-      const math_t d = static_cast<math_t>(x[i]) - mean;
+      const math_t d = E::load(x[i]) - mean;
       sum += d * d;
     }
     total += sum;
@@ -132,32 +201,35 @@ struct Affine {
 // relu(x * scale + shift); NaN stays NaN, as torch.relu.
 template <typename scalar_t, typename math_t>
 void plane_bn_relu(
-    const scalar_t* x,
-    scalar_t* out,
+    const scalar_t* x_,
+    scalar_t* out_,
     int64_t n,
     math_t scale,
     math_t shift) {
+  using E = Element<scalar_t>;
+  const auto* x = raw(x_);
+  auto* out = raw(out_);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const math_t y = static_cast<math_t>(x[i]) * scale + shift;
-    out[i] = static_cast<scalar_t>(y < 0 ? math_t(0) : y);
+    const math_t y = E::load(x[i]) * scale + shift;
+    out[i] = E::store(y < 0 ? math_t(0) : y);
   }
 }
 
 // The ReLU gate of backward: the gradient passes unless the stored output is
-// <= 0 (ATen's threshold_backward gates on relu's result), so y is rounded to
-// the stored type first: a tiny positive y that half/bfloat16 rounds to zero
-// passes no gradient, as in PyTorch.
+// <= 0 (ATen's threshold_backward gates on relu's result): a tiny positive y
+// that half/bfloat16 rounds to zero passes no gradient, as in PyTorch. That is
+// y <= Element::zero_up_to (NaN passes), without the round trip through the
+// stored type.
 template <typename scalar_t, typename math_t>
 inline math_t gated(math_t grad, math_t x, math_t scale, math_t shift) {
-  const math_t stored = static_cast<math_t>(static_cast<scalar_t>(x * scale + shift));
-  return stored <= 0 ? math_t(0) : grad;
+  return x * scale + shift <= Element<scalar_t>::zero_up_to ? math_t(0) : grad;
 }
 
 template <typename scalar_t, typename math_t>
 void plane_grad_sums(
-    const scalar_t* grad_out,
-    const scalar_t* x,
+    const scalar_t* grad_out_,
+    const scalar_t* x_,
     int64_t n,
     math_t scale,
     math_t shift,
@@ -167,14 +239,17 @@ void plane_grad_sums(
   // Plain loops and locals (no lambda, no writes through the references
   // inside): what the compiler cannot prove unaliased stops it vectorising,
   // which once cost this loop 9x.
+  using E = Element<scalar_t>;
+  const auto* grad_out = raw(grad_out_);
+  const auto* x = raw(x_);
   double g_sum = 0, gc_sum = 0;
   for (int64_t start = 0; start < n; start += kSumBlock) {
     const int64_t end = std::min(n, start + kSumBlock);
     math_t g_total = 0, gc_total = 0;
 #pragma omp simd reduction(+ : g_total, gc_total)
     for (int64_t i = start; i < end; ++i) {
-      const math_t v = static_cast<math_t>(x[i]);
-      const math_t g = gated<scalar_t>(static_cast<math_t>(grad_out[i]), v, scale, shift);
+      const math_t v = E::load(x[i]);
+      const math_t g = gated<scalar_t>(E::load(grad_out[i]), v, scale, shift);
       g_total += g;
       gc_total += g * (v - mean);
     }
@@ -188,24 +263,28 @@ void plane_grad_sums(
 // grad_in (+)= scale * (g - mean_g - (x - mean) * centered_coef)
 template <bool accumulate, typename scalar_t, typename math_t>
 void plane_grad_input(
-    const scalar_t* grad_out,
-    const scalar_t* x,
-    scalar_t* grad_in,
+    const scalar_t* grad_out_,
+    const scalar_t* x_,
+    scalar_t* grad_in_,
     int64_t n,
     math_t scale,
     math_t shift,
     math_t mean,
     math_t mean_g,
     math_t centered_coef) {
+  using E = Element<scalar_t>;
+  const auto* grad_out = raw(grad_out_);
+  const auto* x = raw(x_);
+  auto* grad_in = raw(grad_in_);
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const math_t v = static_cast<math_t>(x[i]);
-    const math_t g = gated<scalar_t>(static_cast<math_t>(grad_out[i]), v, scale, shift);
+    const math_t v = E::load(x[i]);
+    const math_t g = gated<scalar_t>(E::load(grad_out[i]), v, scale, shift);
     math_t d = scale * (g - mean_g - (v - mean) * centered_coef);
     if constexpr (accumulate) {
-      d += static_cast<math_t>(grad_in[i]);
+      d += E::load(grad_in[i]);
     }
-    grad_in[i] = static_cast<scalar_t>(d);
+    grad_in[i] = E::store(d);
   }
 }
 
