@@ -10,11 +10,15 @@ CPU: bytes saved for backward, eager models only), the step peak (what a
 step allocates above what stays resident between steps: CUDA from the
 allocator's statistics, CPU from the resident-set high-water mark, reset
 before the timed steps), the analytic prediction (CUDA:
-``estimate_training_step``; CPU: ``model_saved_bytes``, exact), the median
-and spread of the training-step time (forward + backward + SGD, after
-warm-up, synchronized; p10-p90 from 10 steps on, else min-max), and ratios
-to naive. Writes a table, results.json, results.md and PNG plots (memory and
-step time against depth). Without ``--models``, rows follow the default
+``estimate_training_step``; CPU: ``model_saved_bytes``, exact, without
+autocast), the median and spread of the training-step time (forward +
+backward + SGD, after warm-up, synchronized; p10-p90 from 10 steps on, else
+min-max), and ratios to naive in the same precision and layout. ``--amp`` and
+``--layouts`` run every model in each precision (fp32, or bf16/fp16 autocast)
+and memory format (contiguous, channels_last) side by side; the report then
+gives, per model and precision, the fastest efficient configuration against
+the fastest naive one. Writes a table, results.json, results.md and PNG
+plots (memory and step time against depth). Without ``--models``, rows follow the default
 models: on CPU the whole densenet121 at 128×128, batch 8; and MONAI's
 DenseNet121 on single-channel volumes (32³ on CPU, 96³ on a GPU), batch 2.
 """
@@ -26,84 +30,16 @@ import datetime
 import importlib.util
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
-class Variant(NamedTuple):
-    """How a configuration runs the model."""
-
-    mode: str  # of the blocks, transitions and stem
-    recompute: bool = False  # recompute_bottleneck
-    compiled: bool = False  # torch.compile
-    memory_budget: float | None = None  # torch._functorch.config.activation_memory_budget
-
-
-MODES = {
-    "naive": Variant("naive"),
-    "checkpoint": Variant("checkpoint"),
-    "efficient": Variant("efficient"),
-    "efficient+recompute": Variant("efficient", recompute=True),
-    "compiled-naive": Variant("naive", compiled=True),
-    # The partitioner then recomputes cat, BatchNorm and ReLU everywhere: the strongest peer.
-    "compiled-naive-lowmem": Variant("naive", compiled=True, memory_budget=0.05),
-    "compiled-efficient": Variant("efficient", compiled=True),
-    "compiled-efficient-lowmem": Variant("efficient", compiled=True, memory_budget=0.05),
-    "compiled-efficient+recompute-lowmem": Variant("efficient", recompute=True, compiled=True, memory_budget=0.05),
-}
-# Rows after the default models: the whole ImageNet model at a CPU's size,
-# and a 3-D model (MONAI's DenseNet121 on single-channel volumes, when MONAI
-# is installed).
-WHOLE_MODEL_ROW = {"model": "densenet121", "input_size": 128, "batch": 8,
-                   "modes": ["naive", "checkpoint", "compiled-naive-lowmem", "efficient", "efficient+recompute"]}
-VOLUME_ROW = {"model": "monai:DenseNet121", "spatial_dims": 3, "in_channels": 1, "batch": 2, "needs": "monai"}
-CPU_DEFAULT = {
-    "models": [f"densenet_bc-{depth}-12" for depth in (40, 100, 160, 250)],
-    "modes": ["naive", "checkpoint", "efficient", "efficient+recompute"],
-    "batch": [4],
-    "steps": 3,
-    "warmup": 1,
-    "extra": [WHOLE_MODEL_ROW, dict(VOLUME_ROW, input_size=32)],
-}
-CUDA_DEFAULT = {
-    "models": ["densenet_bc_100_12", "densenet_bc_250_24", "densenet_bc_190_40", "densenet121", "densenet264"],
-    "modes": ["naive", "checkpoint", "efficient", "efficient+recompute", "compiled-naive", "compiled-naive-lowmem"],
-    "batch": [64],
-    "steps": 20,
-    "warmup": 5,
-    "extra": [dict(VOLUME_ROW, input_size=96)],
-}
-# Fewer timed steps than this and a spread is min-max, not p10-p90.
-PERCENTILE_STEPS = 10
-
-
-def _input_of(config: dict) -> tuple[int, int]:
-    """(channels, spatial dims) of a configuration's input; images of 3
-    channels unless it says otherwise."""
-    return config.get("in_channels", 3), config.get("spatial_dims", 2)
-
-
-def input_shape(config: dict) -> tuple[int, ...]:
-    """[N, C_in, *spatial] of a configuration's input."""
-    channels, dims = _input_of(config)
-    return (config["batch"], channels, *[config["input_size"]] * dims)
-
-
-def input_label(config: dict) -> str:
-    """The input of one sample, e.g. 3×32² or 1×32³."""
-    channels, dims = _input_of(config)
-    power = {1: "", 2: "²", 3: "³"}[dims]
-    return f"{channels}×{config['input_size']}{power}"
-
-
-def depth_of(model: str) -> int | None:
-    match = re.search(r"(\d+)[-_](\d+)$", model)
-    return int(match.group(1)) if match else None
-
+from .bench_configs import (
+    CPU_DEFAULT, CUDA_DEFAULT, LAYOUTS, MODES, PERCENTILE_STEPS, PRECISIONS, input_shape, layout_of, _input_of,
+)
+from .bench_report import add_ratios, fastest_lines, max_batch_lines, plot, table
 
 # --- one configuration, in a worker subprocess -------------------------------
 
@@ -142,14 +78,20 @@ def measure(config: dict) -> dict:
         mode=variant.mode, recompute_bottleneck=variant.recompute, spatial_dims=spatial_dims,
         in_channels=in_channels,
     ).to(device)
-    prediction = estimate_training_step(model, shape).total if cuda else model_saved_bytes(model, shape)
+    autocast_dtype = PRECISIONS[config.get("precision", "fp32")]
+    autocast_dtype = getattr(torch, autocast_dtype) if autocast_dtype else None
+    memory_format = layout_of(config)
+    model = model.to(memory_format=memory_format)
+    # On the CPU the saved bytes are predicted exactly without autocast only.
+    prediction = (estimate_training_step(model, shape, autocast_dtype=autocast_dtype).total if cuda
+                  else None if autocast_dtype else model_saved_bytes(model, shape))
     if variant.memory_budget is not None:
         import torch._functorch.config
 
         torch._functorch.config.activation_memory_budget = variant.memory_budget
     runnable = torch.compile(model) if variant.compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    x = torch.randn(*shape, device=device)
+    x = torch.randn(*shape, device=device).contiguous(memory_format=memory_format)
     batch = shape[0]
     y = torch.randint(0, 10, (batch,), device=device)
     state = [*model.parameters(), *model.buffers()]
@@ -157,12 +99,14 @@ def measure(config: dict) -> dict:
 
     def step(count_saved=False):
         optimizer.zero_grad(set_to_none=True)
-        if count_saved:
-            logits, nbytes = saved_tensor_bytes(runnable, x, ignore=state)
-            saved.append(nbytes)
-        else:
-            logits = runnable(x)
-        torch.nn.functional.cross_entropy(logits, y).backward()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            if count_saved:
+                logits, nbytes = saved_tensor_bytes(runnable, x, ignore=state)
+                saved.append(nbytes)
+            else:
+                logits = runnable(x)
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        loss.backward()
         optimizer.step()
 
     def synchronize():
@@ -291,121 +235,6 @@ def environment(device: str) -> dict:
     return env
 
 
-def max_batch_lines(max_batch: dict) -> list[str]:
-    """One line per model: the largest batch that runs, per mode."""
-    return [f"largest batch that runs, {model}: " + ", ".join(f"{mode} {batch}" for mode, batch in per_mode.items())
-            for model, per_mode in max_batch.items()]
-
-
-def add_ratios(rows: list[dict]) -> None:
-    for row in rows:
-        naive = next((r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
-                      and input_label(r) == input_label(row) and r["mode"] == "naive" and r.get("result") == "ok"),
-                     None)
-        if naive and row.get("result") == "ok":
-            for key, ratio in (("memory_bytes", "memory_vs_naive"), ("step_peak_bytes", "step_peak_vs_naive"),
-                               ("step_ms", "step_vs_naive")):
-                if row.get(key) is not None and naive.get(key):
-                    row[ratio] = row[key] / naive[key]
-
-
-def _mib(value) -> str:
-    return "-" if value is None else f"{value / 2**20:.1f}"
-
-
-def _ratio(value, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def table(rows: list[dict], markdown: bool = False) -> str:
-    kind = next((r["memory_kind"] for r in rows if r.get("memory_kind")), "memory")
-    columns = ["model", "input", "batch", "mode", f"{kind} MiB", "predicted MiB", "vs naive",
-               "step peak MiB", "vs naive", "step ms (spread)", "vs naive"]
-    lines = []
-    for r in rows:
-        if r.get("result") != "ok":
-            cells = [r["model"], input_label(r), str(r["batch"]), r["mode"], r.get("result", "?")] + [""] * 6
-        else:
-            cells = [r["model"], input_label(r), str(r["batch"]), r["mode"], _mib(r.get("memory_bytes")),
-                     _mib(r.get("predicted_bytes")), _ratio(r.get("memory_vs_naive"), 3),
-                     _mib(r.get("step_peak_bytes")), _ratio(r.get("step_peak_vs_naive"), 3),
-                     f"{r['step_ms']:.1f} ({r['step_ms_low']:.1f}-{r['step_ms_high']:.1f} {r['step_ms_spread']})",
-                     _ratio(r.get("step_vs_naive"), 2)]
-        lines.append(cells)
-    if markdown:
-        out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        out += ["| " + " | ".join(cells) + " |" for cells in lines]
-        return "\n".join(out)
-    widths = [max(len(c), *(len(cells[i]) for cells in lines)) for i, c in enumerate(columns)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*columns), "-" * (sum(widths) + 2 * len(widths))] + [fmt.format(*c) for c in lines])
-
-
-def plot(rows: list[dict], env: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from . import models
-    from .memory import estimate_training_step, model_saved_bytes
-
-    ok = [r for r in rows if r.get("result") == "ok"]
-    # A sweep over depth (with other rows, such as the 3-D one, left to the table) or, else, every model.
-    by_depth = [r for r in ok if depth_of(r["model"])]
-    sweep = bool(by_depth) and len({re.sub(r"\d+[-_]", "", r["model"], count=1) for r in by_depth}) == 1
-    ok = by_depth if sweep else ok
-    if not ok:
-        return []
-    subtitle = f"{env['device']} · torch {env['torch']} · {env['date_utc'][:10]}"
-    paths = []
-    for metric, ylabel, name in (("memory", "MiB", "memory_vs_depth.png"), ("step", "ms per step", "step_time_vs_depth.png")):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for mode in dict.fromkeys(r["mode"] for r in ok):
-            points = [r for r in ok if r["mode"] == mode]
-            xs = [depth_of(r["model"]) if sweep else r["model"] for r in points]
-            if metric == "memory":
-                measured = [(x_, r["memory_bytes"] / 2**20) for x_, r in zip(xs, points) if r.get("memory_bytes")]
-                if not measured:  # compiled rows on CPU: no saved-bytes figure
-                    continue
-                line, = ax.plot(*zip(*measured), "o", label=f"{mode} (measured)")
-                if sweep and points[0].get("predicted_bytes") is not None:
-                    template = points[0]["model"]
-                    family = re.sub(r"-\d+-", "-{}-", template)
-                    first, last = min(xs), max(xs)
-                    depths = list(range(first, last + 1, 6 if "bc" in family else 3))
-                    predicted = []
-                    for depth in depths:
-                        import torch
-
-                        with torch.device("meta"):
-                            model = models.builder(family.format(depth))(
-                                mode=MODES[mode][0], recompute_bottleneck=MODES[mode][1],
-                                spatial_dims=_input_of(points[0])[1], in_channels=_input_of(points[0])[0])
-                        shape = input_shape(points[0])
-                        predicted.append((estimate_training_step(model, shape).total if env["device_type"] == "cuda"
-                                          else model_saved_bytes(model, shape)) / 2**20)
-                    ax.plot(depths, predicted, "-", color=line.get_color(), alpha=0.6, label=f"{mode} (model)")
-            else:
-                ax.errorbar(xs, [r["step_ms"] for r in points],
-                            yerr=[[r["step_ms"] - r["step_ms_low"] for r in points], [r["step_ms_high"] - r["step_ms"] for r in points]],
-                            marker="o", capsize=3, label=mode)
-        kind = ok[0]["memory_kind"]
-        ax.set_title(("Memory: " + kind if metric == "memory" else "Training-step time") + f"\n{subtitle}", fontsize=10)
-        ax.set_xlabel("depth (DenseNet-BC)" if sweep else "model")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        if not sweep:
-            plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-        fig.tight_layout()
-        path = out / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--models", help="comma-separated: named builders, densenet_bc-<depth>-<k> or "
@@ -416,6 +245,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spatial-dims", type=int, choices=[1, 2, 3], default=2,
                         help="2: images [N, C, H, W]; 3: volumes [N, C, D, H, W]; 1: sequences")
     parser.add_argument("--in-channels", type=int, default=3, help="channels of the input (default 3)")
+    parser.add_argument("--amp", default="fp32",
+                        help=f"comma-separated precisions from {list(PRECISIONS)}: fp32 runs without autocast, the "
+                        "others under torch.autocast in that dtype (default fp32)")
+    parser.add_argument("--layouts", default="contiguous",
+                        help=f"comma-separated memory formats of the model and its input, from {list(LAYOUTS)} "
+                        "(channels_last: NHWC, NDHWC for volumes; default contiguous)")
+    parser.add_argument("--channels-last", action="store_true", help="same as --layouts channels_last")
     parser.add_argument("--steps", type=int, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default: 1 on CPU, 5 on CUDA)")
     parser.add_argument("--max-batch", action="store_true", help="also find the largest batch that runs, per mode (GPU)")
@@ -454,26 +290,37 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--batch takes whole numbers, got {args.batch!r}")
     if any(b <= 0 for b in batches):
         parser.error(f"batch sizes must be positive, got {batches}")
+    precisions = args.amp.split(",")
+    layouts = ["channels_last"] if args.channels_last else args.layouts.split(",")
+    for given, known, option in ((precisions, PRECISIONS, "--amp"), (layouts, LAYOUTS, "--layouts")):
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {unknown}; choose from {list(known)}")
+    if args.spatial_dims == 1 and "channels_last" in layouts:
+        parser.error("--layouts channels_last: sequences ([N, C, L]) have no channels-last format")
     steps, warmup = args.steps or defaults["steps"], args.warmup if args.warmup is not None else defaults["warmup"]
 
     env = environment(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    # Every precision and layout of a model side by side, one process each.
+    grid = [{"precision": precision, "layout": layout} for precision in precisions for layout in layouts]
     configs = []
     for name in names:
         size = args.input_size or models.default_input_size(name, args.spatial_dims)
         for batch in batches:
-            for mode in modes:
-                configs.append({"model": name, "mode": mode, "batch": batch, "input_size": size,
-                                "spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
-                                "device": device, "steps": steps, "warmup": warmup})
+            for variant in grid:
+                for mode in modes:
+                    configs.append({"model": name, "mode": mode, "batch": batch, "input_size": size,
+                                    "spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
+                                    "device": device, "steps": steps, "warmup": warmup, **variant})
     for extra in defaults["extra"] if not args.models else []:
         if extra.get("needs") and importlib.util.find_spec(extra["needs"]) is None:
             print(f"no {extra['model']} row: {extra['needs']} is not installed", file=sys.stderr)
             continue
         row = {k: v for k, v in extra.items() if k not in ("modes", "needs")}
-        configs += [dict(row, mode=mode, device=device, steps=steps, warmup=warmup)
-                    for mode in (extra.get("modes", modes) if not args.modes else modes)]
+        configs += [dict(row, mode=mode, device=device, steps=steps, warmup=warmup, **variant)
+                    for variant in grid for mode in (extra.get("modes", modes) if not args.modes else modes)]
     progress = Progress(len(configs) + (len(names) * len(modes) if args.max_batch else 0))
     rows = []
     for config in configs:
@@ -495,12 +342,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     text = table(rows)
     print(f"\n{env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date_utc']}\n")
     print(text)
+    fastest = fastest_lines(rows)
+    if fastest:
+        print("\n" + "\n".join(fastest))
     if args.max_batch:
         print("\n" + "\n".join(max_batch_lines(report["max_batch"])))
     (out / "results.json").write_text(json.dumps(report, indent=1))
     markdown = [f"# Benchmark — {env['device']} — {env['date_utc']}", "",
                 f"torch {env['torch']}, Python {env['python']}, commit `{env['commit']}`; "
                 f"memory: {rows[0].get('memory_kind', 'n/a')}", "", table(rows, markdown=True), ""]
+    if fastest:
+        markdown += [*(f"- {line}" for line in fastest), ""]
     if args.max_batch:
         markdown += [*max_batch_lines(report["max_batch"]), ""]
     (out / "results.md").write_text("\n".join(markdown))

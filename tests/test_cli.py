@@ -39,6 +39,32 @@ def test_bench_smoke_writes_table_json_markdown_and_plots(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_runs_precisions_and_layouts_side_by_side(tmp_path):
+    """--amp and --layouts: every model in each precision and memory format,
+    ratios to naive within the same precision and layout, and per precision
+    the fastest efficient configuration against the fastest naive one."""
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "densenet_efficient", "bench", "--device", "cpu", "--models", "densenet_bc-10-4",
+               "--modes", "naive,efficient", "--batch", "2", "--steps", "1", "--warmup", "1", "--amp", "fp32,bf16",
+               "--layouts", "contiguous,channels_last", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    grid = [(r["precision"], r["layout"], r["mode"]) for r in rows]
+    assert grid == [(p, layout, m) for p in ("fp32", "bf16") for layout in ("contiguous", "channels_last")
+                    for m in ("naive", "efficient")] and all(r["result"] == "ok" for r in rows)
+    for r in rows:
+        assert r["step_vs_naive"] == pytest.approx(r["step_ms"] / next(
+            n["step_ms"] for n in rows if (n["precision"], n["layout"], n["mode"]) == (r["precision"], r["layout"], "naive")))
+        # Exact predictions without autocast only; channels-last efficient saves what contiguous does.
+        assert (r["predicted_bytes"] == r["memory_bytes"]) if r["precision"] == "fp32" else r["predicted_bytes"] is None
+    for precision in ("fp32", "bf16"):
+        saved = {r["memory_bytes"] for r in rows if r["precision"] == precision and r["mode"] == "efficient"}
+        assert len(saved) == 1, saved
+        assert f"batch 2 {precision}: fastest efficient (efficient, " in done.stdout
+    assert "| densenet_bc-10-4 | 3×32² | 2 | efficient | bf16 | NHWC |" in (out / "results.md").read_text()
+
+
 def test_step_peak_is_the_resident_high_water_mark_since_its_reset():
     """The CPU step peak: 64 MiB allocated and freed after the reset shows."""
     from densenet_efficient.bench import _process_memory, _reset_peak_rss
@@ -78,6 +104,9 @@ def test_bench_records_a_failed_configuration_and_goes_on():
         (["bench", "--models", "resnet50"], "unknown model 'resnet50'"),
         (["bench", "--batch", "0"], "batch sizes must be positive"),
         (["bench", "--device", "cpu", "--max-batch"], "--max-batch searches GPU memory"),
+        (["bench", "--amp", "fp32,fp8"], "--amp: unknown ['fp8']; choose from ['fp32', 'bf16', 'fp16']"),
+        (["bench", "--layouts", "nhwc"], "--layouts: unknown ['nhwc']; choose from ['contiguous', 'channels_last']"),
+        (["bench", "--spatial-dims", "1", "--channels-last"], "sequences ([N, C, L]) have no channels-last format"),
         (["plan", "--model", "densenet_bc_250_24", "--batch", "64", "--memory", "lots"], "memory must look like 16GiB"),
         (["plan", "--model", "densenet_bc_250_24", "--batch", "-1", "--memory", "16GiB"], "expected a positive whole number, got -1"),
         (["plan", "--model", "vgg16", "--batch", "64", "--memory", "16GiB"], "unknown model 'vgg16'"),
