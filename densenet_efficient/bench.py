@@ -8,8 +8,9 @@ own, and running out of memory costs only that configuration). Per
 configuration: memory (CUDA: ``max_memory_allocated`` over the timed steps;
 CPU: bytes saved for backward, eager models only), the step peak (what a
 step allocates above what stays resident between steps: CUDA from the
-allocator's statistics, CPU from the resident-set high-water mark, reset
-before the timed steps), the analytic prediction (CUDA:
+allocator's statistics, CPU from the resident-set high-water mark of a step
+in a run of its own, with glibc handing large blocks back, while the times
+come from a run under glibc's usual rules), the analytic prediction (CUDA:
 ``estimate_training_step``; CPU: ``model_saved_bytes``, exact, without
 autocast), the median and spread of the training-step time (forward +
 backward + SGD, after warm-up, synchronized; p10-p90 from 10 steps on, else
@@ -113,8 +114,10 @@ def measure(config: dict) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
 
+    # On the CPU the memory comes from a run of its own (run_in_subprocess).
     # Saved-tensor hooks see what eager autograd keeps, not what a compiled graph keeps.
-    count_saved = not cuda and not variant.compiled
+    memory_run = config.get("run") == "memory"
+    count_saved = memory_run and not variant.compiled
     try:
         for warmup in range(max(config["warmup"], 1 if count_saved else 0)):
             step(count_saved=count_saved and warmup == 0)
@@ -123,7 +126,7 @@ def measure(config: dict) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             resident = torch.cuda.memory_allocated(device)
-        else:
+        elif memory_run:
             _reset_peak_rss()
             resident = _process_memory("VmRSS")
         times = []
@@ -134,6 +137,9 @@ def measure(config: dict) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
     except torch.cuda.OutOfMemoryError:
         return {"result": "OOM"}
+    if memory_run:
+        return {"result": "ok", "memory_bytes": saved[0] if saved else None, "memory_kind": "saved for backward (CPU)",
+                "step_peak_bytes": _process_memory("VmHWM") - resident}
     ordered = sorted(times)
     percentiles = len(times) >= PERCENTILE_STEPS
     result = {
@@ -149,18 +155,28 @@ def measure(config: dict) -> dict:
         result["memory_bytes"] = torch.cuda.max_memory_allocated(device)
         result["memory_kind"] = "peak allocated (CUDA)"
         result["step_peak_bytes"] = result["memory_bytes"] - resident
-    else:
-        result["memory_bytes"] = saved[0] if saved else None
-        result["memory_kind"] = "saved for backward (CPU)"
-        result["step_peak_bytes"] = _process_memory("VmHWM") - resident
     return result
 
 
 def run_in_subprocess(config: dict, timeout: float) -> dict:
+    """One configuration in fresh processes: on a GPU one; on the CPU a timed
+    run, then a memory run (bytes saved for backward, and one step's
+    resident-set peak) in which glibc hands every block of 128 KiB or more
+    back to the system when it is freed, so that the resident set follows the
+    live tensors. That costs an mmap per large allocation, which slowed the
+    timed steps (densenet121 at 128², batch 8: naive 2×, efficient less): the
+    times come from a run under glibc's usual rules."""
+    result = _worker(config, timeout, dict(os.environ))
+    if config["device"] != "cpu" or result.get("result") != "ok":
+        return result
+    memory = _worker(dict(config, run="memory", steps=1), timeout, dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
+    if memory.get("result") != "ok":
+        return memory
+    return {**result, **{key: memory[key] for key in ("memory_bytes", "memory_kind", "step_peak_bytes")}}
+
+
+def _worker(config: dict, timeout: float, env: dict) -> dict:
     command = [sys.executable, "-m", "densenet_efficient", "bench", "--worker", json.dumps(config)]
-    # glibc then hands every large block back to the system when it is freed, so
-    # the resident set follows the live tensors and its peak measures a step.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
