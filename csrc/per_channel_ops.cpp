@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <utility>
+#include <vector>
 
 namespace densenet_efficient {
 
@@ -34,6 +35,68 @@ bool has_contiguous_planes(const at::Tensor& t) {
 
 at::Tensor with_contiguous_planes(const at::Tensor& t) {
   return has_contiguous_planes(t) ? t : t.contiguous();
+}
+
+namespace {
+// The stride between consecutive pixels (spatial dimensions innermost, then
+// samples) when they are uniformly spaced and hold channels of stride 1 (or
+// one channel), else -1. With a single pixel in all, the channel count.
+int64_t uniform_row_stride(const at::Tensor& t) {
+  if (t.dim() < 2 + kMinSpatialDims || t.dim() > 2 + kMaxSpatialDims || (t.size(1) > 1 && t.stride(1) != 1)) {
+    return -1;
+  }
+  // The pixel dimensions, innermost first: the spatial ones from the last, then the samples.
+  std::vector<int64_t> pixel_dims;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    pixel_dims.push_back(d);
+  }
+  pixel_dims.push_back(0);
+  int64_t stride = -1, span = 0;  // span: what the inner pixel dimensions cover
+  for (const auto d : pixel_dims) {
+    if (t.size(d) == 1) {
+      continue;
+    }
+    if (stride < 0) {
+      stride = t.stride(d);
+      span = stride * t.size(d);
+    } else if (t.stride(d) != span) {
+      return -1;
+    } else {
+      span *= t.size(d);
+    }
+  }
+  return stride < 0 ? t.size(1) : stride;
+}
+} // namespace
+
+bool has_channel_rows(const at::Tensor& t) {
+  const int64_t stride = uniform_row_stride(t);
+  return stride >= t.size(1);  // rows that do not overlap
+}
+
+int64_t row_stride(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(has_channel_rows(t));
+  return uniform_row_stride(t);
+}
+
+at::Tensor in_walk(const at::Tensor& t, Walk walk) {
+  if (walk == Walk::planes) {
+    return with_contiguous_planes(t);
+  }
+  if (has_channel_rows(t)) {
+    return t;
+  }
+  // Channels last: [N, *spatial, C] contiguous, viewed back as [N, C, *spatial].
+  std::vector<int64_t> order{0};
+  for (int64_t d = 2; d < t.dim(); ++d) {
+    order.push_back(d);
+  }
+  order.push_back(1);
+  std::vector<int64_t> back(order.size());
+  for (size_t i = 0; i < order.size(); ++i) {
+    back[static_cast<size_t>(order[i])] = static_cast<int64_t>(i);
+  }
+  return t.permute(order).contiguous().permute(back);
 }
 
 void check_planar_floating(const char* op, const char* name, const at::Tensor& t) {

@@ -14,6 +14,7 @@
 #include "running_stats.h"
 
 #include <limits>
+#include <optional>
 #include <tuple>
 
 namespace densenet_efficient {
@@ -34,6 +35,19 @@ bool has_contiguous_planes(const at::Tensor& t);
 
 // `t` itself when its planes are contiguous, else a contiguous copy.
 at::Tensor with_contiguous_planes(const at::Tensor& t);
+
+// True when each (sample, pixel) of `t` holds its channels contiguously and
+// every pixel, across samples too, lies a fixed `row_stride` from the next
+// (channels_last tensors and channel slices of them): N·P rows of C values.
+bool has_channel_rows(const at::Tensor& t);
+int64_t row_stride(const at::Tensor& t);  // of a tensor with channel rows
+
+// How the kernels walk a tensor: along its planes or along its channel rows.
+enum class Walk { planes, rows };
+
+// `t` walked as `walk` says: itself when its layout allows, else a copy
+// (contiguous, or channels last).
+at::Tensor in_walk(const at::Tensor& t, Walk walk);
 
 // `input` must be a floating-point [N, C, *spatial] tensor with 1 to 3
 // spatial dimensions.
@@ -123,7 +137,12 @@ void check_count(const char* op, const at::Tensor& input, const at::Tensor& coun
 //       vectors, eps, AffineGradients, count, grad_input)             non-empty
 //   static void update_running_stats(update)            (running_stats.h)
 // with every [N, C, *spatial] tensor of contiguous planes and every [C] vector a
-// contiguous one in the math type.
+// contiguous one in the math type; and, where kChannelRows, the same walking
+// channel rows (channel_stats_rows, copy_with_stats_rows, bn_relu_rows,
+// backward_rows, grad_sums_rows, grad_input_rows; `accumulate` an argument),
+// every tensor then with channel rows. A destination the kernels can walk
+// chooses the walk, and sources that cannot be walked so are copied; else the
+// kernels write a temporary that is then copied over.
 template <typename Kernels>
 struct PerChannelOps {
   static std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& input) {
@@ -144,9 +163,12 @@ struct PerChannelOps {
       fill_nan(mean, var);
       return;
     }
-    const auto input = with_contiguous_planes(input_);
+    const auto walk = walk_of(input_).value_or(Walk::planes);
+    const auto input = in_walk(input_, walk);
     into_math_vectors(input, mean, var, [&](const at::Tensor& m, const at::Tensor& v) {
-      Kernels::channel_stats(input, m, v);
+      along(
+          walk, [&](auto k) { decltype(k)::channel_stats(input, m, v); },
+          [&](auto k) { decltype(k)::channel_stats_rows(input, m, v); });
     });
   }
 
@@ -165,14 +187,17 @@ struct PerChannelOps {
       fill_nan(mean, var);
       return;
     }
-    const auto source = with_contiguous_planes(source_);
+    const auto walk = walk_of(destination);
+    if (!walk) {
+      destination.copy_(source_);
+      channel_stats_out(source_, mean, var);
+      return;
+    }
+    const auto source = in_walk(source_, *walk);
     into_math_vectors(source, mean, var, [&](const at::Tensor& m, const at::Tensor& v) {
-      if (has_contiguous_planes(destination)) {
-        Kernels::copy_with_stats(source, destination, m, v);
-      } else {
-        destination.copy_(source);
-        Kernels::channel_stats(source, m, v);
-      }
+      along(
+          *walk, [&](auto k) { decltype(k)::copy_with_stats(source, destination, m, v); },
+          [&](auto k) { decltype(k)::copy_with_stats_rows(source, destination, m, v); });
     });
   }
 
@@ -191,13 +216,19 @@ struct PerChannelOps {
     if (input_.numel() == 0) {
       return;
     }
-    const auto input = with_contiguous_planes(input_);
+    const auto walk = walk_of(out);
+    const auto input = in_walk(input_, walk.value_or(Walk::planes));
     const ChannelVectors vectors(input, mean, var, weight, bias);
-    if (has_contiguous_planes(out)) {
-      Kernels::bn_relu(input, vectors, eps, out);
+    const auto into = [&](const at::Tensor& destination, Walk w) {
+      along(
+          w, [&](auto k) { decltype(k)::bn_relu(input, vectors, eps, destination); },
+          [&](auto k) { decltype(k)::bn_relu_rows(input, vectors, eps, destination); });
+    };
+    if (walk) {
+      into(out, *walk);
     } else {
       const auto planes = at::empty_like(input, at::MemoryFormat::Contiguous);
-      Kernels::bn_relu(input, vectors, eps, planes);
+      into(planes, Walk::planes);
       out.copy_(planes);
     }
   }
@@ -230,7 +261,7 @@ struct PerChannelOps {
     auto [grad_weight, grad_bias] = math_vectors(input);
     backward<false>(
         grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input,
-        grad_weight, grad_bias);
+        grad_weight, grad_bias, Walk::planes);
     return {grad_input, like(grad_weight, weight), like(grad_bias, bias)};
   }
 
@@ -251,15 +282,15 @@ struct PerChannelOps {
     check_destination(op, grad_input_sum, {&grad_output, &input, &mean, &var, &weight, &bias});
     const c10::DeviceGuard guard(input.device());
     auto [grad_weight, grad_bias] = math_vectors(input);
-    if (has_contiguous_planes(grad_input_sum)) {
+    if (const auto walk = walk_of(grad_input_sum)) {
       backward<true>(
           grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input_sum,
-          grad_weight, grad_bias);
+          grad_weight, grad_bias, *walk);
     } else {
       auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
       backward<false>(
           grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input,
-          grad_weight, grad_bias);
+          grad_weight, grad_bias, Walk::planes);
       grad_input_sum.add_(grad_input);
     }
     return {like(grad_weight, weight), like(grad_bias, bias)};
@@ -287,10 +318,13 @@ struct PerChannelOps {
       grad_bias.zero_();
       return {grad_weight, grad_bias};
     }
-    const auto input = with_contiguous_planes(input_);
-    Kernels::grad_sums(
-        with_contiguous_planes(grad_output), input, ChannelVectors(input, mean, var, weight, bias), eps,
-        grad_weight, grad_bias);
+    const auto walk = walk_of(input_).value_or(Walk::planes);
+    const auto input = in_walk(input_, walk);
+    const auto dy = in_walk(grad_output, walk);
+    const ChannelVectors vectors(input, mean, var, weight, bias);
+    along(
+        walk, [&](auto k) { decltype(k)::grad_sums(dy, input, vectors, eps, grad_weight, grad_bias); },
+        [&](auto k) { decltype(k)::grad_sums_rows(dy, input, vectors, eps, grad_weight, grad_bias); });
     return {grad_weight, grad_bias};
   }
 
@@ -325,22 +359,57 @@ struct PerChannelOps {
     if (input_.numel() == 0) {
       return;
     }
-    const auto input = with_contiguous_planes(input_);
-    const auto dy = with_contiguous_planes(grad_output);
+    const auto walk = walk_of(grad_input);
+    const auto input = in_walk(input_, walk.value_or(Walk::planes));
+    const auto dy = in_walk(grad_output, walk.value_or(Walk::planes));
     const ChannelVectors vectors(input, mean, var, weight, bias);
     const AffineGradients sums{as_math_vector(input, grad_weight), as_math_vector(input, grad_bias)};
-    if (!has_contiguous_planes(grad_input)) {
+    if (!walk) {
       const auto planes = at::empty_like(input, at::MemoryFormat::Contiguous);
       Kernels::template grad_input<false>(dy, input, vectors, eps, sums, count, planes);
       accumulate ? grad_input.add_(planes) : grad_input.copy_(planes);
-    } else if (accumulate) {
-      Kernels::template grad_input<true>(dy, input, vectors, eps, sums, count, grad_input);
-    } else {
-      Kernels::template grad_input<false>(dy, input, vectors, eps, sums, count, grad_input);
+      return;
     }
+    along(
+        *walk,
+        [&](auto k) {
+          if (accumulate) {
+            decltype(k)::template grad_input<true>(dy, input, vectors, eps, sums, count, grad_input);
+          } else {
+            decltype(k)::template grad_input<false>(dy, input, vectors, eps, sums, count, grad_input);
+          }
+        },
+        [&](auto k) { decltype(k)::grad_input_rows(dy, input, vectors, eps, sums, count, accumulate, grad_input); });
   }
 
  private:
+  // How the kernels walk `t`: along its planes, or along its channel rows
+  // where they can; none when it has neither.
+  static std::optional<Walk> walk_of(const at::Tensor& t) {
+    if (has_contiguous_planes(t)) {
+      return Walk::planes;
+    }
+    if (Kernels::kChannelRows && has_channel_rows(t)) {
+      return Walk::rows;
+    }
+    return std::nullopt;
+  }
+
+  // Calls planes(Kernels{}) or rows(Kernels{}) as `walk` says; the kernels
+  // of a device that walks no channel rows are never asked to.
+  template <typename Planes, typename Rows>
+  static void along(Walk walk, const Planes& planes, const Rows& rows) {
+    if (walk == Walk::planes) {
+      planes(Kernels{});
+      return;
+    }
+    if constexpr (Kernels::kChannelRows) {
+      rows(Kernels{});
+    } else {
+      TORCH_INTERNAL_ASSERT(false, "these kernels walk no channel rows");
+    }
+  }
+
   // Two per-channel vectors in the input's math type.
   static std::tuple<at::Tensor, at::Tensor> math_vectors(const at::Tensor& input) {
     const auto options = input.options().dtype(at::toOpMathType(input.scalar_type()));
@@ -376,6 +445,7 @@ struct PerChannelOps {
     var.copy_(v);
   }
 
+  // Backward into `grad_input`, which `walk` walks.
   template <bool accumulate>
   static void backward(
       const at::Tensor& grad_output,
@@ -388,17 +458,26 @@ struct PerChannelOps {
       bool batch_stats,
       const at::Tensor& grad_input,
       const at::Tensor& grad_weight,
-      const at::Tensor& grad_bias) {
+      const at::Tensor& grad_bias,
+      Walk walk) {
     if (input_.numel() == 0) {  // empty sums; the statistics (NaN) must not leak in
       grad_weight.zero_();
       grad_bias.zero_();
       return;
     }
-    const auto input = with_contiguous_planes(input_);
-    Kernels::template backward<accumulate>(
-        with_contiguous_planes(grad_output), input,
-        ChannelVectors(input, mean, var, weight, bias), eps, batch_stats, grad_input,
-        grad_weight, grad_bias);
+    const auto input = in_walk(input_, walk);
+    const auto dy = in_walk(grad_output, walk);
+    const ChannelVectors vectors(input, mean, var, weight, bias);
+    along(
+        walk,
+        [&](auto k) {
+          decltype(k)::template backward<accumulate>(
+              dy, input, vectors, eps, batch_stats, grad_input, grad_weight, grad_bias);
+        },
+        [&](auto k) {
+          decltype(k)::backward_rows(
+              dy, input, vectors, eps, batch_stats, accumulate, grad_input, grad_weight, grad_bias);
+        });
   }
 };
 

@@ -88,7 +88,8 @@ def test_statistics_destinations_of_another_dtype_or_layout(device):
     assert torch.equal(wide[0, ::2], mean.double()) and torch.equal(wide[1, ::2], var.double())
     destination = torch.empty(3, 5, 4, 6, device=device).to(memory_format=torch.channels_last)
     ops.copy_with_stats(x, destination, wide[0, :5], wide[1, :5])
-    assert torch.equal(destination, x) and torch.equal(wide[1, :5], var.double())
+    # On the CPU a channels-last destination is walked by rows: the same sums in another order.
+    assert torch.equal(destination, x) and rel_error(wide[1, :5], var.double()) <= 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -396,6 +397,145 @@ def test_backward_sums_stay_in_float_for_half_parameters(device, dtype):
     count = torch.tensor(x.numel() // x.shape[1], device=device)
     ops.bn_relu_backward_input(grad, x, mean, var, weight, bias, 1e-5, *sums, count, False, out)
     assert rel_error(out, whole[0]) <= {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+
+
+# --- channel rows (channels_last tensors and channel slices of them) --------
+
+
+def channels_last_buffer(batch, channels, spatial, dtype=torch.float64, device="cpu", seed=0, offset=0):
+    """[N, channels, *spatial] in the channels-last order, whatever the rank
+    (1-D included), starting `offset` elements into its storage."""
+    g = torch.Generator().manual_seed(seed)
+    count = batch * channels * math.prod(spatial)
+    flat = (torch.randn(count + offset, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype=dtype, device=device)
+    rows = flat[offset:].view(batch, *spatial, channels)
+    return rows.permute(0, rows.dim() - 1, *range(1, rows.dim() - 1))
+
+
+ROW_LAYOUTS = {  # (spatial, offset): channels 2..2+C of a wider channels-last buffer
+    "2d": ((4, 6), 0), "2d-misaligned": ((5, 3), 1), "3d": ((3, 2, 4), 0), "1d": ((7,), 0), "1x1": ((1, 1), 0),
+}
+
+
+def row_slice(layout, channels=5, batch=3, dtype=torch.float64, device="cpu", seed=0):
+    spatial, offset = ROW_LAYOUTS[layout]
+    return channels_last_buffer(batch, channels + 4, spatial, dtype, device, seed, offset)[:, 2 : 2 + channels]
+
+
+def nan_row_slice(like, channels=5):
+    """A NaN channels-last buffer and the channel slice of it an op may write."""
+    batch, _, *spatial = like.shape
+    wide = channels_last_buffer(batch, channels + 4, spatial, like.dtype, like.device).fill_(float("nan"))
+    return wide, wide[:, 2 : 2 + channels]
+
+
+def untouched_outside(wide, channels=5):
+    return wide[:, :2].isnan().all() and wide[:, 2 + channels :].isnan().all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ROW_LAYOUTS)
+def test_channel_rows_float64(device, layout):
+    """Every per-channel operator on channel slices of channels-last buffers
+    (each sample's pixels a row of channels, rows a fixed stride apart),
+    against the reference, and written in place into such slices."""
+    x = row_slice(layout, device=device)
+    grad = row_slice(layout, device=device, seed=1)
+    assert x.stride(1) == 1 and not x.is_contiguous()
+    weight, bias = bn_vectors(5, device=device)
+    mean, var = ops.channel_stats(x)
+    ref_mean, ref_var = stats_of(x.contiguous())
+    assert rel_error(mean, ref_mean) <= 1e-13 and rel_error(var, ref_var) <= 1e-13
+
+    wide, copy = nan_row_slice(x)
+    stats = torch.empty(2, 5, dtype=torch.float64, device=device)
+    ops.copy_with_stats(x, copy, stats[0], stats[1])
+    assert torch.equal(copy, x) and untouched_outside(wide)
+    assert rel_error(stats[0], ref_mean) <= 1e-13 and rel_error(stats[1], ref_var) <= 1e-13
+
+    wide, out = nan_row_slice(x)
+    ops.bn_relu_out(x, mean, var, weight, bias, 1e-3, out)
+    assert rel_error(out, reference.bn_relu(x.contiguous(), mean, var, weight, bias, 1e-3)) <= 1e-13
+    assert untouched_outside(wide)
+
+    for batch_stats in (True, False):
+        expected = _batch_norm_relu_grads(x.contiguous(), weight, bias, grad.contiguous(), 1e-3, batch_stats, mean, var)
+        ours = ops.bn_relu_backward(grad, x, mean, var, weight, bias, 1e-3, batch_stats)
+        for name, a, b in zip(("input", "weight", "bias"), ours, expected):
+            assert rel_error(a, b) <= 1e-12, (name, batch_stats)
+        wide, total = nan_row_slice(x)
+        total.zero_()
+        sums = ops.bn_relu_backward_accumulate(grad, x, mean, var, weight, bias, 1e-3, batch_stats, total)
+        assert rel_error(total, expected[0]) <= 1e-12 and untouched_outside(wide)
+        assert rel_error(sums[0], expected[1]) <= 1e-12 and rel_error(sums[1], expected[2]) <= 1e-12
+
+    sums = ops.bn_relu_backward_sums(grad, x, mean, var, weight, bias, 1e-3)
+    wide, written = nan_row_slice(x)
+    count = torch.tensor(x.numel() // 5, device=device)
+    ops.bn_relu_backward_input(grad, x, mean, var, weight, bias, 1e-3, *sums, count, False, written)
+    whole = _batch_norm_relu_grads(x.contiguous(), weight, bias, grad.contiguous(), 1e-3, True, mean, var)
+    assert rel_error(written, whole[0]) <= 1e-12 and untouched_outside(wide)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_channel_rows_low_precision_equal_the_planes(device, dtype):
+    """In float32, bfloat16 and half, the row walk gives what the plane walk
+    gives: elementwise results bit for bit, sums within rounding."""
+    x = row_slice("2d", dtype=dtype, device=device)
+    grad = row_slice("2d", dtype=dtype, device=device, seed=1)
+    weight, bias = bn_vectors(5, dtype=torch.float32, device=device)
+    mean, var = ops.channel_stats(x)
+    plane_mean, plane_var = ops.channel_stats(x.contiguous())
+    assert rel_error(mean, plane_mean) <= 1e-6 and rel_error(var, plane_var) <= 1e-6
+    out = torch.empty_like(x)  # a channels-last destination
+    ops.bn_relu_out(x, plane_mean, plane_var, weight, bias, 1e-5, out)
+    assert torch.equal(out, ops.bn_relu(x.contiguous(), plane_mean, plane_var, weight, bias, 1e-5))
+    total = torch.zeros_like(x)
+    ours = ops.bn_relu_backward_accumulate(grad, x, plane_mean, plane_var, weight, bias, 1e-5, True, total)
+    planes = ops.bn_relu_backward(grad.contiguous(), x.contiguous(), plane_mean, plane_var, weight, bias, 1e-5, True)
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert rel_error(total, planes[0]) <= tolerance
+    assert rel_error(ours[0], planes[1]) <= 1e-5 and rel_error(ours[1], planes[2]) <= 1e-5
+
+
+def test_channel_rows_are_walked_in_place():
+    """A channels-last input and destination: no copy into planes (on the
+    CPU), the whole point of walking rows."""
+    x = row_slice("2d", dtype=torch.float32)
+    weight, bias = bn_vectors(5, dtype=torch.float32)
+    mean, var = ops.channel_stats(x)
+    wide, out = nan_row_slice(x)
+    grad = row_slice("2d", dtype=torch.float32, seed=1)
+    total, stats = torch.zeros_like(x), torch.empty(2, 5)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        ops.channel_stats(x)
+        ops.copy_with_stats(x, out, stats[0], stats[1])
+        ops.bn_relu_out(x, mean, var, weight, bias, 1e-5, out)
+        ops.bn_relu_backward_accumulate(grad, x, mean, var, weight, bias, 1e-5, True, total)
+    names = [e.name for e in profile.events()]
+    assert not {"aten::copy_", "aten::contiguous", "aten::clone"} & set(names), names
+
+
+def test_opcheck_with_channel_rows():
+    x = row_slice("2d")
+    weight, bias = bn_vectors(5)
+    mean, var = stats_of(x.contiguous())
+    grad = row_slice("2d", seed=1)
+    stats = torch.zeros(2, 5, dtype=torch.float64)
+    torch.library.opcheck(ops.channel_stats.default, (x,))
+    torch.library.opcheck(ops.copy_with_stats.default, (x, nan_row_slice(x)[1], stats[0], stats[1]))
+    torch.library.opcheck(ops.bn_relu_out.default, (x, mean, var, weight, bias, 1e-5, nan_row_slice(x)[1]))
+    torch.library.opcheck(ops.bn_relu.default, (x, mean, var, weight, bias, 1e-5))
+    for batch_stats in (True, False):
+        torch.library.opcheck(ops.bn_relu_backward.default, (grad, x, mean, var, weight, bias, 1e-5, batch_stats))
+        torch.library.opcheck(ops.bn_relu_backward_accumulate.default,
+                              (grad, x, mean, var, weight, bias, 1e-5, batch_stats, torch.zeros_like(x)))
+    sums = ops.bn_relu_backward_sums(grad, x, mean, var, weight, bias, 1e-5)
+    torch.library.opcheck(ops.bn_relu_backward_sums.default, (grad, x, mean, var, weight, bias, 1e-5))
+    torch.library.opcheck(ops.bn_relu_backward_input.default,
+                          (grad, x, mean, var, weight, bias, 1e-5, *sums, torch.tensor(x.numel() // 5), True,
+                           torch.zeros_like(x)))
 
 
 # --- gradcheck ----------------------------------------------------------------

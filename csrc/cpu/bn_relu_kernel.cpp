@@ -8,7 +8,8 @@
 // accumulate in the math type (float for float/half/bfloat16) over blocks of a
 // plane, and across blocks and planes in double. Threads split the channels
 // (reductions) or the planes (elementwise).
-#include "../per_channel_ops.h"
+#include "channel_rows.h"
+#include "kernel_common.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -24,6 +25,8 @@
 
 namespace densenet_efficient {
 namespace {
+
+using namespace cpu;
 
 template <typename T>
 struct Planes {
@@ -48,80 +51,6 @@ Planes<scalar_t> write_planes(const at::Tensor& t) {
   return {t.mutable_data_ptr<scalar_t>(), t.stride(0), t.stride(1)};
 }
 
-// Grain sizes in planes/channels; below them threading costs more than it
-// saves.
-int64_t grain_for(int64_t plane_size) {
-  constexpr int64_t kElementsPerTask = 32768;
-  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, plane_size));
-}
-
-// How the per-plane loops read and write values, in the math type: float and
-// double as they are; half and bfloat16 through their 16 bits, with c10's own
-// conversions (so rounding is c10::Half's and c10::BFloat16's). Through the
-// c10 types themselves those loops did not vectorise (a struct copy per
-// store), which made the half and bfloat16 kernels ten times slower than
-// float's; the conversions' selects vectorise given -fno-trapping-math
-// (setup.py).
-template <typename scalar_t>
-struct Element {
-  using raw_t = scalar_t;
-  using math_t = at::opmath_type<scalar_t>;
-  static math_t load(raw_t v) {
-    return v;
-  }
-  static raw_t store(math_t v) {
-    return v;
-  }
-  // The largest value stored as zero or less.
-  static constexpr math_t zero_up_to = 0;
-};
-
-template <>
-struct Element<c10::BFloat16> {
-  using raw_t = uint16_t;
-  static float load(uint16_t bits) {
-    return c10::detail::f32_from_bits(bits);
-  }
-  static uint16_t store(float v) {
-    return c10::detail::round_to_nearest_even(v);
-  }
-  // Half the smallest bfloat16 (2^-133), which rounds to even: zero. Equal to
-  // load(store(y)) <= 0 for every float y (checked on all 2^32).
-  static constexpr float zero_up_to = 0x1p-134f;
-};
-
-template <>
-struct Element<c10::Half> {
-  using raw_t = uint16_t;
-  static float load(uint16_t bits) {
-    return c10::detail::fp16_ieee_to_fp32_value(bits);
-  }
-  static uint16_t store(float v) {
-    return c10::detail::fp16_ieee_from_fp32_value(v);
-  }
-  // Half the smallest half (2^-24), which rounds to even: zero. Equal to
-  // load(store(y)) <= 0 for every float y (checked on all 2^32).
-  static constexpr float zero_up_to = 0x1p-25f;
-};
-
-// The raw elements of a plane (c10::Half and c10::BFloat16 hold just their bits).
-template <typename scalar_t>
-const typename Element<scalar_t>::raw_t* raw(const scalar_t* p) {
-  static_assert(sizeof(typename Element<scalar_t>::raw_t) == sizeof(scalar_t));
-  return reinterpret_cast<const typename Element<scalar_t>::raw_t*>(p);
-}
-template <typename scalar_t>
-typename Element<scalar_t>::raw_t* raw(scalar_t* p) {
-  static_assert(sizeof(typename Element<scalar_t>::raw_t) == sizeof(scalar_t));
-  return reinterpret_cast<typename Element<scalar_t>::raw_t*>(p);
-}
-
-// Per-plane loops, written plainly with `omp simd` (reductions included) so
-// the compiler vectorises them for the target without reassociating anything
-// else. Arithmetic is in math_t (float for half/bfloat16/float); sums run in
-// math_t over blocks of kSumBlock values and add up the blocks in double: a
-// volume's plane (96³ and more) summed in float alone loses the variance.
-constexpr int64_t kSumBlock = 4096;
 
 template <typename scalar_t, typename math_t>
 double plane_sum(const scalar_t* x_, int64_t n) {
@@ -178,26 +107,6 @@ double plane_squared_deviations(const scalar_t* x_, int64_t n, math_t mean) {
   return total;
 }
 
-// The affine form of BatchNorm (ATen's): y = x·scale + shift with
-// scale = γ·invstd, shift = β − μ·scale, invstd = 1/sqrt(var + ε). Forward and
-// backward both form it here, so the ReLU gate recomputed in backward is
-// bit-identical to the forward's.
-template <typename math_t>
-struct Affine {
-  math_t invstd, scale, shift, mean;
-
-  Affine(const ChannelVectors& v, int64_t c, double eps) {
-    const auto* m = v.mean.const_data_ptr<math_t>();
-    const auto* var = v.var.const_data_ptr<math_t>();
-    const auto* w = v.weight.const_data_ptr<math_t>();
-    const auto* b = v.bias.const_data_ptr<math_t>();
-    invstd = math_t(1) / std::sqrt(var[c] + static_cast<math_t>(eps));
-    scale = w[c] * invstd;
-    shift = b[c] - m[c] * scale;
-    mean = m[c];
-  }
-};
-
 // relu(x * scale + shift); NaN stays NaN, as torch.relu.
 template <typename scalar_t, typename math_t>
 void plane_bn_relu(
@@ -214,16 +123,6 @@ void plane_bn_relu(
     const math_t y = E::load(x[i]) * scale + shift;
     out[i] = E::store(y < 0 ? math_t(0) : y);
   }
-}
-
-// The ReLU gate of backward: the gradient passes unless the stored output is
-// <= 0 (ATen's threshold_backward gates on relu's result): a tiny positive y
-// that half/bfloat16 rounds to zero passes no gradient, as in PyTorch. That is
-// y <= Element::zero_up_to (NaN passes), without the round trip through the
-// stored type.
-template <typename scalar_t, typename math_t>
-inline math_t gated(math_t grad, math_t x, math_t scale, math_t shift) {
-  return x * scale + shift <= Element<scalar_t>::zero_up_to ? math_t(0) : grad;
 }
 
 template <typename scalar_t, typename math_t>
@@ -391,7 +290,7 @@ void update_running_stats_impl(const RunningStatsUpdate& update) {
   }
 }
 
-struct CpuKernels {
+struct CpuKernels : cpu::ChannelRowKernels {
   static void channel_stats(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_cpu",

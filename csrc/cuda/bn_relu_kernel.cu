@@ -548,6 +548,8 @@ void grad_input_from_sums_launch(
 }
 
 struct CudaKernels {
+  static constexpr bool kChannelRows = false;  // channels_last tensors are copied into planes
+
   static void channel_stats(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_cuda", [&] {
       const auto partials = launch_reduce_chunks<StatsOf<scalar_t>::template Reducer, scalar_t>(

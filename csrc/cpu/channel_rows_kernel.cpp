@@ -1,0 +1,331 @@
+#include "channel_rows.h"
+
+#include "kernel_common.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace densenet_efficient::cpu {
+namespace {
+
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t stride;
+
+  T* row(int64_t r) const {
+    return data + r * stride;
+  }
+};
+
+template <typename scalar_t>
+Rows<const typename Element<scalar_t>::raw_t> read_rows(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(has_channel_rows(t));
+  return {raw(t.const_data_ptr<scalar_t>()), row_stride(t)};
+}
+
+template <typename scalar_t>
+Rows<typename Element<scalar_t>::raw_t> write_rows(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(has_channel_rows(t));
+  return {raw(t.mutable_data_ptr<scalar_t>()), row_stride(t)};
+}
+
+int64_t rows_of(const at::Tensor& t) {
+  return t.size(0) * plane_size(t);
+}
+
+// Each channel gets this many values of a chunk, summed in the math type.
+constexpr int64_t kRowsPerChunk = kSumBlock;
+
+int64_t chunks_of(int64_t rows) {
+  return (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+}
+
+// Per chunk of rows, `accumulate(rows begin, rows end, sums)` adds each
+// channel's values into `sums` ([`values` · C] math_t, zeroed); the chunks'
+// sums come back in double, [C · values] added up in chunk order.
+template <typename math_t, typename Accumulate>
+std::vector<double> chunked_sums(int64_t rows, int64_t channels, int64_t values, const Accumulate& accumulate) {
+  const int64_t chunks = chunks_of(rows);
+  std::vector<math_t> partial(static_cast<size_t>(chunks * values * channels));
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      accumulate(k * kRowsPerChunk, std::min(rows, (k + 1) * kRowsPerChunk), &partial[k * values * channels]);
+    }
+  });
+  std::vector<double> total(static_cast<size_t>(values * channels), 0.0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    for (int64_t i = 0; i < values * channels; ++i) {
+      total[i] += partial[k * values * channels + i];
+    }
+  }
+  return total;
+}
+
+// Each channel's affine form, once.
+template <typename math_t>
+struct ChannelAffine {
+  std::vector<math_t> invstd, scale, shift, mean;
+
+  ChannelAffine(const ChannelVectors& v, int64_t channels, double eps) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const Affine<math_t> a(v, c, eps);
+      invstd.push_back(a.invstd);
+      scale.push_back(a.scale);
+      shift.push_back(a.shift);
+      mean.push_back(a.mean);
+    }
+  }
+};
+
+template <typename scalar_t>
+void channel_stats_impl(const at::Tensor& input, const at::Tensor* copy_to, const at::Tensor& mean, const at::Tensor& var) {
+  using E = Element<scalar_t>;
+  using math_t = at::opmath_type<scalar_t>;
+  const int64_t rows = rows_of(input), channels = input.size(1);
+  const auto x = read_rows<scalar_t>(input);
+  const auto out = copy_to != nullptr ? write_rows<scalar_t>(*copy_to) : decltype(write_rows<scalar_t>(input)){};
+  const auto sums = chunked_sums<math_t>(rows, channels, 1, [&](int64_t begin, int64_t end, math_t* sum) {
+    for (int64_t r = begin; r < end; ++r) {
+      const auto* xr = x.row(r);
+      if (copy_to != nullptr) {
+        auto* o = out.row(r);
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) {
+          o[c] = xr[c];
+          sum[c] += E::load(xr[c]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) {
+          sum[c] += E::load(xr[c]);
+        }
+      }
+    }
+  });
+  std::vector<math_t> m(static_cast<size_t>(channels));
+  for (int64_t c = 0; c < channels; ++c) {
+    m[c] = static_cast<math_t>(sums[c] / rows);
+  }
+  // Second pass over deviations from the mean: no cancellation between large sums.
+  const auto squares = chunked_sums<math_t>(rows, channels, 1, [&](int64_t begin, int64_t end, math_t* sum) {
+    for (int64_t r = begin; r < end; ++r) {
+      const auto* xr = x.row(r);
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const math_t d = E::load(xr[c]) - m[c];
+        sum[c] += d * d;
+      }
+    }
+  });
+  auto* mean_out = mean.mutable_data_ptr<math_t>();
+  auto* var_out = var.mutable_data_ptr<math_t>();
+  for (int64_t c = 0; c < channels; ++c) {
+    mean_out[c] = m[c];
+    var_out[c] = static_cast<math_t>(squares[c] / rows);
+  }
+}
+
+// Σg and Σg·(x − μ) per channel (g: the gradient through the ReLU gate), in
+// double: [C] each.
+template <typename scalar_t, typename math_t>
+std::pair<std::vector<double>, std::vector<double>> grad_sums_impl(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const ChannelAffine<math_t>& a) {
+  using E = Element<scalar_t>;
+  const int64_t rows = rows_of(input), channels = input.size(1);
+  const auto x = read_rows<scalar_t>(input);
+  const auto dy = read_rows<scalar_t>(grad_output);
+  const math_t* scale = a.scale.data();
+  const math_t* shift = a.shift.data();
+  const math_t* mean = a.mean.data();
+  const auto sums = chunked_sums<math_t>(rows, channels, 2, [&](int64_t begin, int64_t end, math_t* sum) {
+    math_t* sum_g = sum;
+    math_t* sum_g_centered = sum + channels;
+    for (int64_t r = begin; r < end; ++r) {
+      const auto* xr = x.row(r);
+      const auto* dyr = dy.row(r);
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const math_t v = E::load(xr[c]);
+        const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
+        sum_g[c] += g;
+        sum_g_centered[c] += g * (v - mean[c]);
+      }
+    }
+  });
+  return {std::vector<double>(sums.begin(), sums.begin() + channels),
+          std::vector<double>(sums.begin() + channels, sums.end())};
+}
+
+// dx = scale·(g − mean_g − (x − μ)·centered_coef) per channel, written or added.
+template <typename scalar_t, typename math_t>
+void grad_input_impl(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const ChannelAffine<math_t>& a,
+    const std::vector<math_t>& mean_g,
+    const std::vector<math_t>& centered_coef,
+    bool accumulate,
+    const at::Tensor& grad_input) {
+  using E = Element<scalar_t>;
+  const int64_t rows = rows_of(input), channels = input.size(1);
+  const auto x = read_rows<scalar_t>(input);
+  const auto dy = read_rows<scalar_t>(grad_output);
+  const auto dx = write_rows<scalar_t>(grad_input);
+  const math_t* scale = a.scale.data();
+  const math_t* shift = a.shift.data();
+  const math_t* mean = a.mean.data();
+  const math_t* mg = mean_g.data();
+  const math_t* cc = centered_coef.data();
+  at::parallel_for(0, rows, grain_for(channels), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const auto* xr = x.row(r);
+      const auto* dyr = dy.row(r);
+      auto* dxr = dx.row(r);
+      if (accumulate) {
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) {
+          const math_t v = E::load(xr[c]);
+          const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
+          dxr[c] = E::store(scale[c] * (g - mg[c] - (v - mean[c]) * cc[c]) + E::load(dxr[c]));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < channels; ++c) {
+          const math_t v = E::load(xr[c]);
+          const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
+          dxr[c] = E::store(scale[c] * (g - mg[c] - (v - mean[c]) * cc[c]));
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void bn_relu_impl(const at::Tensor& input, const ChannelVectors& vectors, double eps, const at::Tensor& out) {
+  using E = Element<scalar_t>;
+  using math_t = at::opmath_type<scalar_t>;
+  const int64_t rows = rows_of(input), channels = input.size(1);
+  const ChannelAffine<math_t> a(vectors, channels, eps);
+  const math_t* scale = a.scale.data();
+  const math_t* shift = a.shift.data();
+  const auto x = read_rows<scalar_t>(input);
+  const auto y = write_rows<scalar_t>(out);
+  at::parallel_for(0, rows, grain_for(channels), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const auto* xr = x.row(r);
+      auto* yr = y.row(r);
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const math_t v = E::load(xr[c]) * scale[c] + shift[c];
+        yr[c] = E::store(v < 0 ? math_t(0) : v);  // NaN stays NaN, as torch.relu
+      }
+    }
+  });
+}
+
+} // namespace
+
+void ChannelRowKernels::channel_stats_rows(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "channel_stats_rows_cpu", [&] {
+    channel_stats_impl<scalar_t>(input, nullptr, mean, var);
+  });
+}
+
+void ChannelRowKernels::copy_with_stats_rows(
+    const at::Tensor& source,
+    const at::Tensor& destination,
+    const at::Tensor& mean,
+    const at::Tensor& var) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, source.scalar_type(), "copy_with_stats_rows_cpu", [&] {
+    channel_stats_impl<scalar_t>(source, &destination, mean, var);
+  });
+}
+
+void ChannelRowKernels::bn_relu_rows(const at::Tensor& input, const ChannelVectors& vectors, double eps, const at::Tensor& out) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_rows_cpu", [&] {
+    bn_relu_impl<scalar_t>(input, vectors, eps, out);
+  });
+}
+
+void ChannelRowKernels::backward_rows(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const ChannelVectors& vectors,
+    double eps,
+    bool batch_stats,
+    bool accumulate,
+    const at::Tensor& grad_input,
+    const at::Tensor& grad_weight,
+    const at::Tensor& grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_rows_cpu", [&] {
+    using math_t = at::opmath_type<scalar_t>;
+    const int64_t channels = input.size(1);
+    const double count = static_cast<double>(rows_of(input));
+    const ChannelAffine<math_t> a(vectors, channels, eps);
+    const auto [sum_g, sum_g_centered] = grad_sums_impl<scalar_t>(grad_output, input, a);
+    auto* dw = grad_weight.mutable_data_ptr<math_t>();
+    auto* db = grad_bias.mutable_data_ptr<math_t>();
+    std::vector<math_t> mean_g(channels, 0), centered_coef(channels, 0);
+    for (int64_t c = 0; c < channels; ++c) {
+      dw[c] = static_cast<math_t>(sum_g_centered[c] * a.invstd[c]);
+      db[c] = static_cast<math_t>(sum_g[c]);
+      if (batch_stats) {
+        mean_g[c] = static_cast<math_t>(sum_g[c] / count);
+        centered_coef[c] = static_cast<math_t>(sum_g_centered[c] * a.invstd[c] * a.invstd[c] / count);
+      }
+    }
+    grad_input_impl<scalar_t>(grad_output, input, a, mean_g, centered_coef, accumulate, grad_input);
+  });
+}
+
+void ChannelRowKernels::grad_sums_rows(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const ChannelVectors& vectors,
+    double eps,
+    const at::Tensor& grad_weight,
+    const at::Tensor& grad_bias) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_sums_rows_cpu", [&] {
+    using math_t = at::opmath_type<scalar_t>;
+    const ChannelAffine<math_t> a(vectors, input.size(1), eps);
+    const auto [sum_g, sum_g_centered] = grad_sums_impl<scalar_t>(grad_output, input, a);
+    auto* dw = grad_weight.mutable_data_ptr<math_t>();
+    auto* db = grad_bias.mutable_data_ptr<math_t>();
+    for (int64_t c = 0; c < input.size(1); ++c) {
+      dw[c] = static_cast<math_t>(sum_g_centered[c] * a.invstd[c]);
+      db[c] = static_cast<math_t>(sum_g[c]);
+    }
+  });
+}
+
+void ChannelRowKernels::grad_input_rows(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const ChannelVectors& vectors,
+    double eps,
+    const AffineGradients& sums,
+    const at::Tensor& count,
+    bool accumulate,
+    const at::Tensor& grad_input) {
+  const double values = static_cast<double>(count.const_data_ptr<int64_t>()[0]);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_input_rows_cpu", [&] {
+    using math_t = at::opmath_type<scalar_t>;
+    const int64_t channels = input.size(1);
+    const ChannelAffine<math_t> a(vectors, channels, eps);
+    const auto* dw = sums.weight.const_data_ptr<math_t>();
+    const auto* db = sums.bias.const_data_ptr<math_t>();
+    std::vector<math_t> mean_g(channels), centered_coef(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      mean_g[c] = static_cast<math_t>(db[c] / values);
+      centered_coef[c] = static_cast<math_t>(dw[c] * a.invstd[c] / values);
+    }
+    grad_input_impl<scalar_t>(grad_output, input, a, mean_g, centered_coef, accumulate, grad_input);
+  });
+}
+
+} // namespace densenet_efficient::cpu
