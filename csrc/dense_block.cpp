@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/accumulate.h>
 #include <c10/util/strides.h>
 
 namespace densenet_efficient::block {
@@ -74,12 +76,29 @@ Tensor contiguous_operand(const Tensor& t) {
   return t.as_strided(t.sizes(), c10::contiguous_strides(t.sizes()), t.storage_offset());
 }
 
-Tensor scratch_view(const Tensor& scratch, at::IntArrayRef sizes) {
-  std::vector<int64_t> strides(sizes.size(), 1);
-  for (size_t d = sizes.size() - 1; d > 0; --d) {
-    strides[d - 1] = strides[d] * sizes[d];
+at::MemoryFormat block_memory_format(const Tensor& input) {
+  if (input.dim() != 4 && input.dim() != 5) {
+    return at::MemoryFormat::Contiguous;
   }
-  TORCH_INTERNAL_ASSERT(strides[0] * sizes[0] <= scratch.numel());
+  const auto channels_last = input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  return input.suggest_memory_format() == channels_last ? channels_last : at::MemoryFormat::Contiguous;
+}
+
+Tensor empty_maps(const Tensor& like, int64_t channels, at::MemoryFormat format) {
+  return at::empty(maps_shape(like, channels), like.options().memory_format(format));
+}
+
+Tensor scratch_view(const Tensor& scratch, at::IntArrayRef sizes, at::MemoryFormat format) {
+  std::vector<int64_t> strides;
+  if (format == at::MemoryFormat::ChannelsLast) {
+    strides = c10::get_channels_last_strides_2d(sizes);
+  } else if (format == at::MemoryFormat::ChannelsLast3d) {
+    strides = c10::get_channels_last_strides_3d(sizes);
+  } else {
+    const auto contiguous = c10::contiguous_strides(sizes);
+    strides.assign(contiguous.begin(), contiguous.end());
+  }
+  TORCH_INTERNAL_ASSERT(c10::multiply_integers(sizes) <= scratch.numel());
   return scratch.as_strided(sizes, strides, scratch.storage_offset());
 }
 
@@ -122,6 +141,18 @@ Tensor planes(const Tensor& maps) {
 // [N, C, *spatial] maps as one [C, N·plane] matrix (a copy).
 Tensor channel_major(const Tensor& maps) {
   return planes(maps).transpose(0, 1).reshape({maps.size(1), -1});
+}
+
+// Channels-last maps [N, C, *spatial] as the matrix [N·plane, C] of their
+// channel rows (no copy).
+Tensor rows_matrix(const Tensor& maps) {
+  return maps.as_strided(
+      {maps.size(0) * plane_size(maps), maps.size(1)}, {row_stride(maps), 1}, maps.storage_offset());
+}
+
+// A 1×1 weight [C_out, C_in, 1, ...] as the matrix [C_out, C_in].
+Tensor weight_matrix(const Tensor& weight) {
+  return contiguous_operand(weight).view({weight.size(0), weight.size(1)});
 }
 
 // A 1×1 weight [C_out, C_in, 1, ...] as the matrix [C_out, C_in] (or its
@@ -168,7 +199,15 @@ Tensor conv1x1_weight_grad(const Tensor& grad_output, const Tensor& input, const
 
 Tensor conv1x1(const Tensor& input, const Tensor& weight) {
   if (!runs_as_gemm(input)) {
-    return convolution(input, weight, 0);
+    // In the input's memory format, as the fake kernels say of a kept
+    // bottleneck (cuDNN computes float64 in NCHW whatever its input).
+    return convolution(input, weight, 0).contiguous(input.suggest_memory_format());
+  }
+  if (!input.is_contiguous()) {  // channels last: one GEMM over every pixel, out = in · Wᵀ
+    auto out = empty_maps(input, weight.size(0), input.suggest_memory_format());
+    auto out_rows = rows_matrix(out);
+    at::mm_out(out_rows, rows_matrix(input), weight_matrix(weight).t());
+    return out;
   }
   auto out = at::empty(
       maps_shape(input, weight.size(0)), input.options(), at::MemoryFormat::Contiguous);
@@ -183,6 +222,13 @@ std::tuple<Tensor, Tensor> conv1x1_backward_over_input(
     const Tensor& weight) {
   if (!runs_as_gemm(input)) {
     return conv_backward(grad_output, input, weight, 0);
+  }
+  if (!input.is_contiguous()) {  // channels last: dW = dyᵀ · x and dx = dy · W, one GEMM each
+    const auto grad_output_rows = rows_matrix(in_walk(grad_output, Walk::rows));
+    auto input_rows = rows_matrix(input);
+    auto grad_weight = at::mm(grad_output_rows.t(), input_rows).view(weight.sizes());
+    at::mm_out(input_rows, grad_output_rows, weight_matrix(weight));  // the spent input takes dx
+    return {input, grad_weight};
   }
   const auto grad_output_planes = planes(grad_output);
   auto grad_weight = conv1x1_weight_grad(grad_output, input, weight);
@@ -207,8 +253,9 @@ std::tuple<Tensor, Tensor> conv_backward(
       /*dilation=*/per_spatial_dim(input, 1), /*transposed=*/false,
       /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1,
       /*output_mask=*/{true, true, false});
-  // The fake kernels promise contiguous gradients, and compiled graphs trust them.
-  return {grad_input, grad_weight.contiguous()};
+  // The input gradient in the input's memory format, the weight's contiguous:
+  // what the fake kernels promise, and compiled graphs trust.
+  return {grad_input.contiguous(input.suggest_memory_format()), grad_weight.contiguous()};
 }
 
 // at::native_dropout draws its mask exactly as at::dropout (F.dropout) does on

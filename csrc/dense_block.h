@@ -145,8 +145,18 @@ Normalization norm2_normalization(const Block& block, int64_t l, const BlockStat
 // relu(norm(input)) into `out`.
 void apply_bn_relu(const Norm& norm, const Normalization& n, const Tensor& input, const Tensor& out);
 
-// The first `sizes` elements of a flat scratch buffer, as a contiguous tensor.
-Tensor scratch_view(const Tensor& scratch, at::IntArrayRef sizes);
+// The memory format a block computes in, and its output's: its input's,
+// channels last (NHWC, NDHWC: the block buffer, scratches and gradient
+// buffer) or contiguous (NCHW; always for 1-D blocks). A channels-last model
+// hands its blocks channels-last inputs (ATen's convolutions follow a
+// channels-last weight).
+at::MemoryFormat block_memory_format(const Tensor& input);
+
+// New [N, channels, *spatial] maps like `like`, in `format`.
+Tensor empty_maps(const Tensor& like, int64_t channels, at::MemoryFormat format);
+
+// The first `sizes` elements of a flat scratch buffer, as a tensor dense in `format`.
+Tensor scratch_view(const Tensor& scratch, at::IntArrayRef sizes, at::MemoryFormat format);
 
 // The shape [N, channels, *spatial] of feature maps like `like` (the block's
 // input or output) with `channels` channels.
@@ -165,14 +175,17 @@ int64_t values_per_channel(const Tensor& t);
 Tensor contiguous_operand(const Tensor& t);
 
 // Bias-free, stride-1 convolutions of the input's spatial rank (1-D, 2-D or
-// 3-D): 1×1 (no padding) and 3×3 (padding 1). For a contiguous input the
-// output is contiguous.
+// 3-D): 1×1 (no padding), its output in the input's memory format, and 3×3
+// (padding 1), its output as ATen gives it (a naive layer's dropout draws on
+// that very layout, and ours must draw alike).
 Tensor conv1x1(const Tensor& input, const Tensor& weight);
 Tensor conv3x3(const Tensor& input, const Tensor& weight);
 
 // The 1×1 convolution is one GEMM per sample over the plane, out[n] = W·in[n]
 // with W viewed as [C_out, C_in]. On the CPU conv1x1 and its backward run as
-// such (at::bmm, the weight shared across the batch by a zero stride): then
+// such (at::bmm, the weight shared across the batch by a zero stride; for
+// channels-last maps, whose channel rows form one [N·plane, C] matrix, one
+// at::mm over every pixel): then
 // the input gradient can go where the caller says, and no operand is copied
 // into oneDNN's layouts (for densenet121's first block at batch 16 that
 // copying tripled the backward's time and added 34 MiB of transients). On

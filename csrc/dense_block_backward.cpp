@@ -109,8 +109,8 @@ BackwardResult dense_block_backward(
   // The last layer's new channels feed no later layer: their gradient is
   // grad_output's own, and the gradient buffer holds the channels some norm1
   // reads.
-  auto grad_features = at::empty(
-      maps_shape(output, block.max_in_channels()), output.options(), at::MemoryFormat::Contiguous);
+  const auto format = block_memory_format(output);  // the forward's: its output is in it
+  auto grad_features = empty_maps(output, block.max_in_channels(), format);
   grad_features.copy_(range_of(grad_output, 1, 0, block.max_in_channels()));
   // A recomputed bottleneck is computed from norm1's output while norm2's is
   // needed: then they take two scratches.
@@ -139,7 +139,7 @@ BackwardResult dense_block_backward(
     }
     const auto features = range_of(output, 1, 0, channels);
     const auto norm1 = norm1_normalization(block, l, stats);
-    const auto norm1_out = scratch_view(scratch, maps_shape(output, channels));
+    const auto norm1_out = scratch_view(scratch, maps_shape(output, channels), format);
 
     Tensor grad_norm1_out;
     if (block.has_bottleneck()) {
@@ -155,13 +155,13 @@ BackwardResult dense_block_backward(
           bottleneck = bottlenecks[l];
         }
         const auto norm2 = norm2_normalization(block, l, stats);
-        const auto norm2_out = scratch_view(norm2_scratch, bottleneck.sizes());
+        const auto norm2_out = scratch_view(norm2_scratch, bottleneck.sizes(), format);
         apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
         Tensor grad_norm2_out;
         std::tie(grad_norm2_out, grad_conv2_weight[l]) =
             conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
         if (sync.enabled() && layer.norm2.uses_batch_stats()) {
-          grad_bottleneck = at::empty_like(bottleneck, at::MemoryFormat::Contiguous);
+          grad_bottleneck = empty_maps(bottleneck, bottleneck.size(1), format);
           std::tie(grad_norm2_weight[l], grad_norm2_bias[l]) = sync.bn_relu_backward(
               grad_norm2_out, bottleneck, norm2, layer.norm2, count, grad_bottleneck, /*accumulate=*/false);
         } else {
@@ -194,8 +194,7 @@ BackwardResult dense_block_backward(
               layer.norm1.bias, norm1.eps, layer.norm1.uses_batch_stats(), grad_features_in);
     }
   }
-  auto grad_input = range_of(grad_features, 1, 0, block.num_input_features)
-                        .contiguous();
+  auto grad_input = range_of(grad_features, 1, 0, block.num_input_features).contiguous(format);
   return {
       grad_input,
       grad_norm1_weight,

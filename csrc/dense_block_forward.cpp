@@ -90,8 +90,8 @@ ForwardResult dense_block_forward(
   const SyncBatchNorm sync{sync_group};
 
   const auto num_layers = block.num_layers();
-  auto output = at::empty(
-      maps_shape(input, block.out_channels()), input.options(), at::MemoryFormat::Contiguous);
+  const auto format = block_memory_format(input);
+  auto output = empty_maps(input, block.out_channels(), format);
   const auto math_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
   const BlockStats stats{
       at::zeros({BlockStats::size(block)}, math_options),
@@ -113,7 +113,7 @@ ForwardResult dense_block_forward(
   for (const auto l : c10::irange(num_layers)) {
     const auto& layer = block.layers[l];
     const auto channels = block.in_channels(l);
-    const auto norm1_out = scratch_view(scratch, maps_shape(input, channels));
+    const auto norm1_out = scratch_view(scratch, maps_shape(input, channels), format);
     apply_bn_relu(
         layer.norm1, norm1_normalization(block, l, stats),
         range_of(output, 1, 0, channels), norm1_out);
@@ -128,17 +128,19 @@ ForwardResult dense_block_forward(
         }
       }
       // norm1's output is spent: norm2's takes the scratch.
-      const auto norm2_out = scratch_view(scratch, bottleneck.sizes());
+      const auto norm2_out = scratch_view(scratch, bottleneck.sizes(), format);
       apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
       new_features = conv3x3(norm2_out, layer.conv2_weight);
     } else {
       new_features = conv3x3(norm1_out, layer.conv1_weight);
     }
     if (dropout_p > 0) {
+      // Drawn on the convolution's output as ATen laid it out (F.dropout
+      // draws in memory order); kept in the block's format, as the fake says.
       auto [dropped, mask] = dropout_with_mask(new_features, dropout_p, dropout_whole_channels);
       new_features = std::move(dropped);
       if (save_for_backward) {
-        dropout_masks.push_back(std::move(mask));
+        dropout_masks.push_back(mask.contiguous(format));
       }
     }
     // The last layer's channels feed no norm: they need no statistics.

@@ -75,8 +75,9 @@ NormStats batch_or_running_stats(const Tensor& input, at::TensorList running_sta
   return {mean, var, true};
 }
 
+// relu(bn(input)) in the input's memory format (contiguous or channels last).
 Tensor bn_relu(const Tensor& input, const NormStats& s, const Tensor& weight, const Tensor& bias, double eps) {
-  auto out = at::empty_like(input, at::MemoryFormat::Contiguous);
+  auto out = at::empty_like(input);
   ops::bn_relu_out(input, s.mean, s.var, weight, bias, eps, out);
   return out;
 }
@@ -225,6 +226,12 @@ void check_transition_conv(const char* op, const Tensor& input, const Tensor& co
       conv_weight.scalar_type(), " but the input has dtype ", input.scalar_type());
 }
 
+// The pooled BN-ReLU output in the transition's memory format (ATen's CPU
+// 3-D average pooling gives channels_last_3d input a contiguous output).
+Tensor pooled_in(at::MemoryFormat format, const Tensor& normalized) {
+  return avg_pool(normalized).contiguous(format);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> transition_forward(
     const Tensor& input_,
     const Tensor& weight,
@@ -235,12 +242,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_forward(
   constexpr const char* op = "transition_forward";
   check_norm_args(op, input_, weight, bias, running_stats, eps);
   check_transition_conv(op, input_, conv_weight);
-  const auto input = input_.contiguous();  // once, not in each pass over it
+  // In the input's memory format, as a block computes (dense_block.h), once
+  // and not in each pass over it.
+  const auto format = block_memory_format(input_);
+  const auto input = input_.contiguous(format);
   const auto stats = batch_or_running_stats(input, running_stats);
-  const auto pooled = avg_pool(bn_relu(input, stats, weight, bias, eps));
+  const auto pooled = pooled_in(format, bn_relu(input, stats, weight, bias, eps));
   auto [mean, var] = returned_stats(input, stats);
-  // Contiguous whatever the weight's layout, as the fake kernel says.
-  return {conv1x1(pooled, conv_weight), mean, var, values_per_channel_tensor(input)};
+  // In that format whatever the weight's layout, as the fake kernel says.
+  return {conv1x1(pooled, conv_weight).contiguous(format), mean, var, values_per_channel_tensor(input)};
 }
 
 // With z = relu(bn(x)) and y = conv(pool(z)): dW = conv's weight gradient at
@@ -258,26 +268,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
   constexpr const char* op = "transition_backward";
   check_norm_args(op, input_, weight, bias, running_stats, eps);
   check_transition_conv(op, input_, conv_weight);
-  const auto input = input_.contiguous();
+  const auto format = block_memory_format(input_);
+  const auto input = input_.contiguous(format);
   const auto stats = saved_stats(op, input, running_stats, batch_mean, batch_var);
   Tensor grad_normalized, grad_conv_weight;
   {
     // The full-resolution BN-ReLU output lives only until it is pooled, the
     // pooled one and its gradient until they are un-pooled: the pooling's
     // backward needs just the shape, which is the input's.
-    const auto pooled = avg_pool(bn_relu(input, stats, weight, bias, eps));
+    const auto pooled = pooled_in(format, bn_relu(input, stats, weight, bias, eps));
     TORCH_CHECK_VALUE(
         grad_output.dim() == input.dim() && grad_output.size(0) == input.size(0) &&
             grad_output.size(1) == conv_weight.size(0) && grad_output.sizes().slice(2) == pooled.sizes().slice(2),
         op, ": grad_output has shape ", grad_output.sizes(), ", expected that of the output");
     Tensor grad_pooled;
     std::tie(grad_pooled, grad_conv_weight) =
-        conv1x1_backward_over_input(grad_output.contiguous(), pooled, conv_weight);
+        conv1x1_backward_over_input(grad_output.contiguous(format), pooled, conv_weight);
     grad_normalized = avg_pool_backward(grad_pooled, input);
   }
   auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
       grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
-  return {grad_input, grad_weight, grad_bias, grad_conv_weight};
+  return {grad_input.contiguous(format), grad_weight, grad_bias, grad_conv_weight};
 }
 
 // --- stem ---------------------------------------------------------------------
@@ -308,17 +319,27 @@ StemConv checked_stem_conv(
   return {stride.vec(), padding.vec(), one, zero};
 }
 
-// conv0 on a contiguous image and weight, so its output is contiguous: a
-// channels_last image or weight would make it channels_last, and copying the
+// The stem computes in the memory format ATen's convolution would give
+// conv0's output: channels last when the image or conv0's weight is (a
+// channels-last model turns a contiguous image into channels-last maps at
+// conv0), so a channels-last model's blocks all compute channels last.
+at::MemoryFormat stem_memory_format(const Tensor& image, const Tensor& weight) {
+  const auto format = block_memory_format(image);
+  return format != at::MemoryFormat::Contiguous ? format : block_memory_format(weight);
+}
+
+// conv0 on the image in the stem's memory format and a contiguous weight: a
+// channels-last weight would decide the output's layout, and copying the
 // image (a few channels) is cheaper than copying conv0's output.
-Tensor stem_conv(const Tensor& image, const Tensor& weight, const StemConv& c) {
+Tensor stem_conv(const Tensor& image, const Tensor& weight, const StemConv& c, at::MemoryFormat format) {
   return at::convolution(
-      contiguous_operand(image), contiguous_operand(weight), std::nullopt, c.stride, c.padding, c.dilation, false,
-      c.output_padding, 1);
+             image.contiguous(format), contiguous_operand(weight), std::nullopt, c.stride, c.padding, c.dilation,
+             false, c.output_padding, 1)
+      .contiguous(format);
 }
 
 // What forward and backward both start from: the arguments checked, and
-// conv0's output (contiguous once, not in each pass over it).
+// conv0's output (in the image's memory format, once, not in each pass over it).
 struct StemStart {
   StemConv conv;
   Tensor input;
@@ -339,7 +360,7 @@ StemStart stem_start(
     at::IntArrayRef stride,
     at::IntArrayRef padding) {
   auto conv = checked_stem_conv(op, image, conv_weight, conv_stride, conv_padding);
-  auto input = stem_conv(image, conv_weight, conv);
+  auto input = stem_conv(image, conv_weight, conv, stem_memory_format(image, conv_weight));
   check_norm_args(op, input, weight, bias, running_stats, eps);
   auto window = checked_window(op, input, kernel_size, stride, padding);
   return {std::move(conv), std::move(input), std::move(window)};
@@ -389,6 +410,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_backward(
     const Tensor& batch_var,
     bool image_grad) {
   constexpr const char* op = "stem_backward";
+  const auto format = stem_memory_format(image, conv_weight);
   StemConv conv;
   Tensor grad_input, grad_weight, grad_bias;
   {
@@ -413,14 +435,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_backward(
     std::tie(grad_input, grad_weight, grad_bias) = ops::bn_relu_backward(
         grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
   }  // conv0's output, made again, is no longer needed: only the image is
-  // Contiguous operands, as in forward: contiguous gradients, as the fake kernel says.
+  // The operands as in forward; the gradients in their layouts, as the fake kernel says.
   auto [grad_image, grad_conv_weight, unused_grad_bias] = at::convolution_backward(
-      grad_input, contiguous_operand(image), contiguous_operand(conv_weight), std::nullopt, conv.stride, conv.padding,
+      grad_input, image.contiguous(format), contiguous_operand(conv_weight), std::nullopt, conv.stride, conv.padding,
       conv.dilation, false, conv.output_padding, 1, {image_grad, true, false});
-  if (!grad_image.defined()) {  // not asked for: an empty tensor (a schema's Tensor is never undefined)
-    grad_image = at::empty({0}, image.options());
-  }
-  return {grad_image.contiguous(), grad_conv_weight.contiguous(), grad_weight, grad_bias};
+  // Not asked for: an empty tensor (a schema's Tensor is never undefined).
+  grad_image = grad_image.defined() ? grad_image.contiguous(format) : at::empty({0}, image.options());
+  return {grad_image, grad_conv_weight.contiguous(), grad_weight, grad_bias};
 }
 
 } // namespace

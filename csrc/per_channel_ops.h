@@ -240,7 +240,7 @@ struct PerChannelOps {
       const at::Tensor& weight,
       const at::Tensor& bias,
       double eps) {
-    auto out = at::empty_like(input, at::MemoryFormat::Contiguous);  // bn_relu_out checks
+    auto out = result_like(input);  // bn_relu_out checks
     bn_relu_out(input, mean, var, weight, bias, eps, out);
     return out;
   }
@@ -257,11 +257,20 @@ struct PerChannelOps {
     check_bn_relu_args("bn_relu_backward", input, mean, var, weight, bias, eps);
     check_like_input("bn_relu_backward", "grad_output", input, grad_output);
     const c10::DeviceGuard guard(input.device());
-    auto grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+    auto grad_input = result_like(input);
     auto [grad_weight, grad_bias] = math_vectors(input);
-    backward<false>(
-        grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input,
-        grad_weight, grad_bias, Walk::planes);
+    const auto walk = walk_of(grad_input);
+    if (walk) {
+      backward<false>(
+          grad_output, input, mean, var, weight, bias, eps, batch_stats, grad_input, grad_weight, grad_bias,
+          *walk);
+    } else {
+      const auto planes = at::empty_like(input, at::MemoryFormat::Contiguous);
+      backward<false>(
+          grad_output, input, mean, var, weight, bias, eps, batch_stats, planes, grad_weight, grad_bias,
+          Walk::planes);
+      grad_input.copy_(planes);
+    }
     return {grad_input, like(grad_weight, weight), like(grad_bias, bias)};
   }
 
@@ -408,6 +417,14 @@ struct PerChannelOps {
     } else {
       TORCH_INTERNAL_ASSERT(false, "these kernels walk no channel rows");
     }
+  }
+
+  // A new tensor for a result like `input`: in its memory format where the
+  // kernels walk channel rows (a channels-last input gives a channels-last
+  // result, as ATen's BatchNorm does), else contiguous. _ops.py's fake
+  // kernels say the same.
+  static at::Tensor result_like(const at::Tensor& input) {
+    return Kernels::kChannelRows ? at::empty_like(input) : at::empty_like(input, at::MemoryFormat::Contiguous);
   }
 
   // Two per-channel vectors in the input's math type.

@@ -59,6 +59,14 @@ def _fake_planar(name: str, input: torch.Tensor) -> None:
     )
 
 
+def _result_like(input: torch.Tensor) -> torch.Tensor:
+    """A per-channel operator's result like `input`: in its memory format on
+    the CPU, whose kernels walk channels-last tensors in place; contiguous on
+    other devices (csrc/per_channel_ops.h, result_like)."""
+    memory_format = torch.preserve_format if input.device.type == "cpu" else torch.contiguous_format
+    return torch.empty_like(input, memory_format=memory_format)
+
+
 def _channels_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A [C] vector shaped to broadcast over `like`'s channels: [1, C, 1, ...]."""
     return v.view(1, -1, *([1] * (like.dim() - 2)))
@@ -111,7 +119,7 @@ torch.library.register_autograd(
 @torch.library.register_fake(_lib + "bn_relu")
 def _(input, mean, var, weight, bias, eps):
     _fake_planar("bn_relu", input)
-    return torch.empty_like(input, memory_format=torch.contiguous_format)
+    return _result_like(input)
 
 
 @torch.library.register_fake(_lib + "bn_relu_out")
@@ -151,7 +159,7 @@ torch.library.register_autograd(
 def _(grad_output, input, mean, var, weight, bias, eps, batch_stats):
     _fake_planar("bn_relu_backward", input)
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        _result_like(input),
         _channel_vector(input, like=weight),
         _channel_vector(input, like=bias),
     )
@@ -197,13 +205,29 @@ def block_statistics_size(num_input_features: int, num_layers: int, growth_rate:
     return num_input_features + (num_layers - 1) * growth_rate + num_layers * bottleneck_width
 
 
-def _dropout_mask(input: torch.Tensor, growth: int, whole_channels: bool) -> torch.Tensor:
+def block_memory_format(input: torch.Tensor) -> torch.memory_format:
+    """The memory format an efficient block computes in and gives its output
+    (csrc/dense_block.h): its input's, channels last or contiguous (always
+    contiguous for 1-D blocks)."""
+    from torch._prims_common import suggest_memory_format
+
+    if input.dim() not in (4, 5):
+        return torch.contiguous_format
+    channels_last = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+    return channels_last if suggest_memory_format(input) == channels_last else torch.contiguous_format
+
+
+def _maps(like: torch.Tensor, shape, memory_format: torch.memory_format, dtype=None) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format)
+
+
+def _dropout_mask(input: torch.Tensor, growth: int, whole_channels: bool, memory_format) -> torch.Tensor:
     """What the block keeps of a layer's dropout: the scaled noise per sample
-    and channel, or a bool mask per value."""
+    and channel, or a bool mask per value (in the layout of the new features)."""
     batch, _, *spatial = input.shape
     if whole_channels:
         return input.new_empty((batch, growth, *[1] * len(spatial)))
-    return input.new_empty((batch, growth, *spatial), dtype=torch.bool)
+    return _maps(input, (batch, growth, *spatial), memory_format, dtype=torch.bool)
 
 
 @torch.library.register_fake(_lib + "dense_block_forward")
@@ -222,15 +246,17 @@ def _(*args, **kwargs):
     size = block_statistics_size(in_channels, num_layers, growth, width_4k)
     save = a["save_for_backward"]
     keep_bottlenecks = save and not a["recompute_bottleneck"] and width_4k > 0
+    memory_format = block_memory_format(input)
     results = {
-        "output": input.new_empty((batch, in_channels + num_layers * growth, *spatial)),
-        "bottlenecks": [input.new_empty((batch, width_4k, *spatial)) for _ in range(num_layers)]
+        "output": _maps(input, (batch, in_channels + num_layers * growth, *spatial), memory_format),
+        "bottlenecks": [_maps(input, (batch, width_4k, *spatial), memory_format) for _ in range(num_layers)]
         if keep_bottlenecks
         else [],
         "batch_mean": input.new_empty((size,), dtype=stats),
         "batch_var": input.new_empty((size,), dtype=stats),
         "count": input.new_empty((), dtype=torch.int64),
-        "dropout_masks": [_dropout_mask(input, growth, a["dropout_whole_channels"]) for _ in range(num_layers)]
+        "dropout_masks": [_dropout_mask(input, growth, a["dropout_whole_channels"], memory_format)
+                          for _ in range(num_layers)]
         if save and a["dropout_p"] > 0
         else [],
     }
@@ -240,9 +266,11 @@ def _(*args, **kwargs):
 @torch.library.register_fake(_lib + "dense_block_backward")
 def _(*args, **kwargs):
     a = _bind(_BACKWARD, args, kwargs)
-    batch, _, *spatial = a["output"].shape
+    output = a["output"]
+    batch, _, *spatial = output.shape
     in_channels = a["conv1_weight"][0].shape[1]
-    grads = {"grad_input": a["output"].new_empty((batch, in_channels, *spatial))}
+    memory_format = block_memory_format(output)  # the forward's: its output is in it
+    grads = {"grad_input": _maps(output, (batch, in_channels, *spatial), memory_format)}
     for name in _BACKWARD_RESULTS[1:]:
         grads[name] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in a[name[len(_GRAD_PREFIX):]]]
     return tuple(grads[name] for name in _BACKWARD_RESULTS)
@@ -344,18 +372,25 @@ def _returned_stats(input: torch.Tensor, running_stats: list) -> tuple[torch.Ten
 def _(input, weight, bias, running_stats, eps, conv_weight):
     _fake_planar("transition_forward", input)
     batch, _, *spatial = input.shape
-    output = input.new_empty((batch, conv_weight.shape[0], *[size // 2 for size in spatial]))
+    output = _maps(input, (batch, conv_weight.shape[0], *[size // 2 for size in spatial]), block_memory_format(input))
     return (output, *_returned_stats(input, running_stats), input.new_empty((), dtype=torch.int64))
 
 
 @torch.library.register_fake(_lib + "transition_backward")
 def _(grad_output, input, weight, bias, running_stats, eps, conv_weight, batch_mean, batch_var):
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(input, memory_format=block_memory_format(input)),
         torch.empty_like(weight),
         torch.empty_like(bias),
         torch.empty_like(conv_weight, memory_format=torch.contiguous_format),
     )
+
+
+def _stem_memory_format(image: torch.Tensor, conv_weight: torch.Tensor) -> torch.memory_format:
+    """The stem's, as ATen's convolution would lay out conv0's output:
+    channels last when the image or conv0's weight is (norm_relu_pool.cpp)."""
+    image_format = block_memory_format(image)
+    return image_format if image_format != torch.contiguous_format else block_memory_format(conv_weight)
 
 
 @torch.library.register_fake(_lib + "stem_forward")
@@ -366,7 +401,7 @@ def _(input, conv_weight, conv_stride, conv_padding, weight, bias, running_stats
     convolved = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(spatial, kernel, conv_stride, conv_padding)]
     pooled = [(size + 2 * p - k) // s + 1 for size, k, s, p in zip(convolved, kernel_size, stride, padding)]
     channels = conv_weight.shape[0]
-    output = input.new_empty((batch, channels, *pooled))
+    output = _maps(input, (batch, channels, *pooled), _stem_memory_format(input, conv_weight))
     stats = _returned_stats(input.new_empty((batch, channels, *convolved)), running_stats)
     return (output, *stats, input.new_empty((), dtype=torch.int64))
 
@@ -374,7 +409,8 @@ def _(input, conv_weight, conv_stride, conv_padding, weight, bias, running_stats
 @torch.library.register_fake(_lib + "stem_backward")
 def _(grad_output, input, conv_weight, conv_stride, conv_padding, weight, bias, running_stats, eps, kernel_size,
       stride, padding, batch_mean, batch_var, image_grad):
-    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if image_grad else input.new_empty((0,))
+    grad_input = (torch.empty_like(input, memory_format=_stem_memory_format(input, conv_weight)) if image_grad
+                  else input.new_empty((0,)))
     return (grad_input, torch.empty_like(conv_weight, memory_format=torch.contiguous_format), torch.empty_like(weight),
             torch.empty_like(bias))
 

@@ -256,29 +256,43 @@ def test_3d_stretches_under_cpu_autocast_run_their_modules():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])])
 @pytest.mark.parametrize("image_channels", [3, 1])
-def test_opcheck_with_channels_last_weights_and_images(device, image_channels):
-    """Real results are contiguous whatever the layouts, as the fake kernels
-    say: channels_last 1×1 weights (whose strides say channels_last though
-    their memory is contiguous) and one-channel images likewise. (float32 on
-    CUDA: cuDNN never picks channels_last for float64.)"""
+@pytest.mark.parametrize("channels_last", ["weights", "input", "both"])
+def test_results_are_in_the_layouts_the_fake_kernels_say(device, image_channels, channels_last):
+    """The transition computes in its input's memory format whatever its
+    weight's (a channels_last 1×1 weight's strides say channels_last though
+    its memory is contiguous); the stem in the one ATen's convolution would
+    give conv0's output: channels last when the image or conv0's weight is
+    (a one-channel image or conv0 weight is contiguous and channels last at
+    once: ATen takes it as contiguous, and so do we). The fake kernels say
+    the same. (float32 on CUDA: cuDNN never picks channels_last for float64.)"""
     on = dict(dtype=torch.float32 if device == "cuda" else torch.float64, device=device)
-    channels_last = torch.channels_last
-    x = torch.randn(2, 4, 6, 6, **on)
+    channels_last_weights = channels_last in ("weights", "both")
+    channels_last_input = channels_last in ("input", "both")
+
+    def laid_out(t, is_channels_last):
+        return t.contiguous(memory_format=torch.channels_last if is_channels_last else torch.contiguous_format)
+
+    def has_layout(t, is_channels_last):
+        return t.is_contiguous(memory_format=torch.channels_last if is_channels_last else torch.contiguous_format)
+
+    x = laid_out(torch.randn(2, 4, 6, 6, **on), channels_last_input)
     weight, bias = torch.rand(4, **on) + 0.5, torch.randn(4, **on)
-    conv = torch.randn(2, 4, 1, 1, **on).contiguous(memory_format=channels_last)
+    conv = laid_out(torch.randn(2, 4, 1, 1, **on), channels_last_weights)
     torch.library.opcheck(ops.transition_forward.default, (x, weight, bias, [], 1e-5, conv))
     output, mean, var, _ = ops.transition_forward(x, weight, bias, [], 1e-5, conv)
-    assert output.is_contiguous()
     grads = ops.transition_backward(torch.randn_like(output), x, weight, bias, [], 1e-5, conv, mean, var)
-    assert all(g.is_contiguous() for g in grads)
+    assert has_layout(output, channels_last_input) and has_layout(grads[0], channels_last_input)
+    assert all(g.is_contiguous() for g in grads[1:])
     torch.library.opcheck(ops.transition_backward.default,
                           (torch.randn_like(output), x, weight, bias, [], 1e-5, conv, mean, var))
-    image = torch.randn(2, image_channels, 9, 8, **on).contiguous(memory_format=channels_last)
-    conv0 = torch.randn(4, image_channels, 3, 3, **on).contiguous(memory_format=channels_last)
+    image = laid_out(torch.randn(2, image_channels, 9, 8, **on), channels_last_input)
+    conv0 = laid_out(torch.randn(4, image_channels, 3, 3, **on), channels_last_weights)
     stem_args = ([2, 2], [1, 1], weight, bias, [], 1e-5, [3, 3], [2, 2], [1, 1])
     torch.library.opcheck(ops.stem_forward.default, (image, conv0, *stem_args))
     output, mean, var, _ = ops.stem_forward(image, conv0, *stem_args)
     grads = ops.stem_backward(torch.randn_like(output), image, conv0, *stem_args, mean, var, True)
-    assert output.is_contiguous() and all(g.is_contiguous() for g in grads)
+    stem_channels_last = image_channels > 1
+    assert has_layout(output, stem_channels_last) and has_layout(grads[0], stem_channels_last)
+    assert all(g.is_contiguous() for g in grads[1:])
     torch.library.opcheck(ops.stem_backward.default,
                           (torch.randn_like(output), image, conv0, *stem_args, mean, var, True))

@@ -695,30 +695,37 @@ def test_opcheck_dense_block_backward(training, bn_size, whole_channels):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bn_size", [2, 0], ids=["bottleneck", "plain"])
-def test_channels_last_weights_give_contiguous_results(device, bn_size):
-    """cuDNN and oneDNN follow a channels_last weight even for a contiguous
-    input: the block must still compute in its contiguous layout, so that no
-    result (dropout masks included) contradicts its fake kernel and no
-    widest-feature-map copy appears that the memory model does not count.
-    (float32: cuDNN never picks channels_last for float64.)"""
+@pytest.mark.parametrize("channels_last", ["input", "weights"])
+def test_a_channels_last_block_gives_what_its_fake_kernel_says(device, bn_size, channels_last):
+    """A channels-last input makes the block compute channels last (its
+    buffer the output, the bottlenecks, the dropout masks, the input's
+    gradient); channels-last weights alone do not (cuDNN and oneDNN would
+    follow them: the block gives its convolutions contiguous weights). The
+    fake kernels say the same. float32 on CUDA, where cuDNN computes float64
+    in NCHW whatever its input."""
     dtype = torch.float32 if device == "cuda" else torch.float64
     block, _ = make_pair(3, 4, 3, bn_size=bn_size, drop_rate=0.3, dtype=dtype)
-    block.to(device=device, memory_format=torch.channels_last)
-    assert block.denselayer1.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    block.to(device=device)
     x = torch.randn(2, 4, 5, 5, dtype=dtype, device=device, requires_grad=True)
+    if channels_last == "weights":
+        block.to(memory_format=torch.channels_last)
+    else:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     args = block_forward_arguments(block, x, dropout_p=0.3)
     forward, backward = ops.dense_block_forward.default, ops.dense_block_backward.default
     torch.library.opcheck(forward, positional(forward, args),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     with torch.no_grad():
         results = dict(zip(result_names(forward), forward(*positional(forward, args))))
-    tensors = [results["output"], *results["bottlenecks"], *results["dropout_masks"]]
-    assert results["dropout_masks"] and all(t.is_contiguous() for t in tensors)
+    layout = torch.channels_last if channels_last == "input" else torch.contiguous_format
+    maps = [results["output"], *results["bottlenecks"], *results["dropout_masks"]]
+    assert results["dropout_masks"] and all(t.is_contiguous(memory_format=layout) for t in maps)
     backward_args = {**{n: [t.detach() for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
                         else v.detach() if isinstance(v, torch.Tensor) else v for n, v in args.items()},
                      **results, "grad_output": torch.randn_like(results["output"])}
-    grads = backward(*positional(backward, backward_args))
-    assert all(t.is_contiguous() for g in grads for t in (g if isinstance(g, list) else [g]))
+    grad_input, *parameter_grads = backward(*positional(backward, backward_args))
+    assert grad_input.is_contiguous(memory_format=layout)
+    assert all(t.is_contiguous() for g in parameter_grads for t in g)
 
 
 def test_channel_dropout_draws_what_feature_dropout_draws():
