@@ -299,15 +299,15 @@ def model_row(device: str, records: Records, model_name: str, batch: int, mode: 
     started = time.perf_counter()
     import torch
 
-    from densenet_efficient import models
+    from densenet_efficient import builders
     from densenet_efficient.memory import estimate_training_step
 
     cuda = device == "cuda"
     autocast_dtype = getattr(torch, AUTOCAST[precision]) if AUTOCAST[precision] else None
     base_mode, recompute = mode.split("+")[0], mode.endswith("+recompute")
     torch.manual_seed(0)
-    model = models.builder(model_name)(mode=base_mode, recompute_bottleneck=recompute).to(device)
-    shape = (batch, 3, models.default_input_size(model_name), models.default_input_size(model_name))
+    model = builders.builder(model_name)(mode=base_mode, recompute_bottleneck=recompute).to(device)
+    shape = (batch, 3, builders.default_input_size(model_name), builders.default_input_size(model_name))
     predicted = estimate_training_step(model, shape, autocast_dtype=autocast_dtype).total
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(shape, device=device)

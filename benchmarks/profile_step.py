@@ -19,7 +19,7 @@ import collections
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from densenet_efficient import models
+from densenet_efficient import builders
 from densenet_efficient.allocations import allocation_events
 
 MIB = 2**20
@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = models.builder(args.model)(mode=args.mode, recompute_bottleneck=args.recompute)
+    model = builders.builder(args.model)(mode=args.mode, recompute_bottleneck=args.recompute)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(args.batch, 3, args.input_size, args.input_size)
     y = torch.randint(0, 10, (args.batch,))

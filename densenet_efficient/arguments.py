@@ -99,11 +99,11 @@ def model_name(text: str) -> str:
     checked by building it on the meta device: nothing is allocated."""
     import torch
 
-    from . import models
+    from . import builders
 
     try:
         with torch.device("meta"):
-            models.builder(text)()
+            builders.builder(text)()
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
     return text

@@ -66,7 +66,7 @@ def measure(config: dict) -> dict:
 
     import torch
 
-    from . import models
+    from . import builders
     from .memory import estimate_training_step, model_saved_bytes, saved_tensor_bytes
 
     device = torch.device(config["device"])
@@ -75,7 +75,7 @@ def measure(config: dict) -> dict:
     shape = input_shape(config)
     torch.manual_seed(0)
     in_channels, spatial_dims = _input_of(config)
-    model = models.builder(config["model"])(
+    model = builders.builder(config["model"])(
         mode=variant.mode, recompute_bottleneck=variant.recompute, spatial_dims=spatial_dims,
         in_channels=in_channels,
     ).to(device)
@@ -282,7 +282,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         return
     import torch
 
-    from . import models
+    from . import builders
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -294,7 +294,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     modes = args.modes.split(",") if args.modes else defaults["modes"]
     for name in names:
         try:
-            models.builder(name)
+            builders.builder(name)
         except ValueError as error:
             parser.error(str(error))
     unknown = [m for m in modes if m not in MODES]
@@ -323,7 +323,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     grid = [{"precision": precision, "layout": layout} for precision in precisions for layout in layouts]
     configs = []
     for name in names:
-        size = args.input_size or models.default_input_size(name, args.spatial_dims)
+        size = args.input_size or builders.default_input_size(name, args.spatial_dims)
         for batch in batches:
             for variant in grid:
                 for mode in modes:

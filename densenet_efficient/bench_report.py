@@ -99,7 +99,7 @@ def plot(rows: list[dict], env: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from . import models
+    from . import builders
     from .memory import estimate_training_step, model_saved_bytes
 
     ok = [r for r in rows if r.get("result") == "ok"]
@@ -135,7 +135,7 @@ def plot(rows: list[dict], env: dict, out: Path) -> list[Path]:
 
                         variant = MODES[key[0]]
                         with torch.device("meta"):
-                            model = models.builder(family.format(depth))(
+                            model = builders.builder(family.format(depth))(
                                 mode=variant.mode, recompute_bottleneck=variant.recompute,
                                 spatial_dims=_input_of(points[0])[1], in_channels=_input_of(points[0])[0])
                         shape = input_shape(points[0])

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from . import models
+from . import builders
 from .arguments import model_name, parse_memory, positive_int
 from .memory import estimate_training_step
 
@@ -45,7 +45,7 @@ def largest_batch(fits, limit: int = 1 << 20) -> int:
 
 def run(args: argparse.Namespace) -> None:
     autocast_dtype = DTYPES[args.dtype]
-    size = args.input_size or models.default_input_size(args.model, args.spatial_dims)
+    size = args.input_size or builders.default_input_size(args.model, args.spatial_dims)
     spatial = [size] * args.spatial_dims
     print(
         f"{args.model}, batch {args.batch}, input {args.in_channels}x{'x'.join(map(str, spatial))}, "
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> None:
     print("-" * len(header))
     for mode_name, recompute in MODES:
         with torch.device("meta"):  # structure only: nothing is allocated
-            model = models.builder(args.model)(
+            model = builders.builder(args.model)(
                 mode=mode_name.split("+")[0], recompute_bottleneck=recompute, spatial_dims=args.spatial_dims,
                 in_channels=args.in_channels,
             )

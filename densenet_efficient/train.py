@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import data, models
+from . import builders, data
 from .arguments import model_name, non_negative_float, non_negative_int, positive_float, positive_int, probability
 
 CHECKPOINT_FORMAT = 1
@@ -281,7 +281,7 @@ def _run(args: argparse.Namespace, device, rank: int, world_size: int) -> dict:
     train_set, test_set = data.load(args.data, args.data_dir)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    model = models.builder(args.arch)(
+    model = builders.builder(args.arch)(
         num_classes=train_set.num_classes, mode=args.mode,
         recompute_bottleneck=args.recompute_bottleneck, drop_rate=args.drop_rate,
     ).to(device)
