@@ -17,7 +17,7 @@ CPU_TORCH ?= torch==2.13.0
 CPU_SRC := build/cpu-only-src
 # The suites that need nothing beyond torch, numpy and pytest: run against the
 # CPU-only build too, since PyTorch versions differ in their operator plumbing.
-CPU_TESTS := test_smoke.py test_block_parity.py test_ops.py test_memory.py test_amp.py test_errors.py test_block_gradcheck.py test_launch_plan.py test_operator_count.py test_spatial_dims.py test_fused.py test_info.py
+CPU_TESTS := test_smoke.py test_block_parity.py test_ops.py test_memory.py test_amp.py test_errors.py test_block_gradcheck.py test_launch_plan.py test_operator_count.py test_spatial_dims.py test_fused.py test_info.py test_channels_last.py test_second_order.py
 
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h)
 
@@ -43,7 +43,7 @@ MIN_TORCH_TESTS := $(CPU_TESTS) test_gpu_suite.py test_cuda.py
 $(VENV)/.installed:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "setuptools>=64,<82" wheel
-	$(PY) -m pip install -q $(TORCH_PACKAGES) pytest pytest-timeout numpy ninja matplotlib pytest-benchmark scikit-learn timm monai
+	$(PY) -m pip install -q $(TORCH_PACKAGES) pytest pytest-timeout numpy ninja matplotlib pytest-benchmark scikit-learn timm monai onnx onnxscript onnxruntime
 	touch $@
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)

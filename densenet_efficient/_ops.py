@@ -127,6 +127,18 @@ def _(input, mean, var, weight, bias, eps, out):
     _fake_planar("bn_relu_out", input)
 
 
+def refuse_second_order(op: str) -> None:
+    """Our backward operators are not differentiable themselves: a backward
+    pass that records a graph (create_graph=True) would fail deep inside ATen
+    with a message naming none of this. Called at the start of each backward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"densenet_efficient.{op}: efficient mode gives first-order gradients only, and this backward was "
+            "asked to build a graph (create_graph=True: a gradient penalty, R1, meta-learning). Second-order "
+            "gradients need mode='naive' or mode='checkpoint' (model.mode = 'naive' switches a whole model)"
+        )
+
+
 def _bn_relu_setup(ctx, inputs, output):
     *tensors, ctx.eps = inputs
     ctx.save_for_backward(*tensors)
@@ -137,6 +149,7 @@ def _bn_relu_backward(ctx, grad):
     #   dμ = −γ r Σg = −γ r dβ,   dr = γ Σ g (x − μ) = γ dγ / r,
     #   dvar = dr · (−r³/2) = −γ dγ r² / 2
     # where dγ = r Σ g (x − μ) and dβ = Σ g come from the kernel.
+    refuse_second_order("bn_relu")
     input, mean, var, weight, bias = ctx.saved_tensors
     grad_input, grad_weight, grad_bias = ops.bn_relu_backward(
         grad, input, mean, var, weight, bias, ctx.eps, False
@@ -297,6 +310,7 @@ class _PairedBackward:
 
     def __init__(self, forward: torch._ops.OpOverload, backward: torch._ops.OpOverload):
         self.forward_args, self.forward_results = argument_names(forward), result_names(forward)
+        self.forward_name = forward.name().split("::")[-1]
         self.backward_op = backward
         self.backward_args, self.backward_results = argument_names(backward), result_names(backward)
 
@@ -334,6 +348,7 @@ class _PairedBackward:
         ctx.save_for_backward(*tensors)
 
     def backward(self, ctx, grad_output, *_grads_of_non_differentiable_outputs):
+        refuse_second_order(self.forward_name)
         if grad_output is None:  # no gradient reached the output (grads are not materialised)
             return tuple(ctx.no_grads[name] for name in self.forward_args)
         saved = iter(ctx.saved_tensors)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused
+from .export import export_runs_modules
 from .fused import stem_fusable, transition_fusable
 from .modules import DenseBlock, _checked_mode
 from .reference import AVG_POOL, BATCH_NORM, CONV, MAX_POOL, checked_spatial_dims
@@ -87,7 +88,7 @@ class Transition(_Switchable, nn.Sequential):
         return self.mode == "efficient" and transition_fusable(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.fused() and fused.runs_fused(input):
+        if self.fused() and fused.runs_fused(input) and not export_runs_modules(self):
             return fused.transition(input, self)
         return super().forward(input)
 
@@ -123,7 +124,7 @@ class DenseNetFeatures(_Switchable, nn.Sequential):
 
     def forward(self, input: Tensor) -> Tensor:
         for stage in self.stages():
-            if len(stage) == 4 and fused.runs_fused(input):
+            if len(stage) == 4 and fused.runs_fused(input) and not export_runs_modules(self):
                 input = fused.stem(input, stage[0], stage[1], stage[3])
             else:
                 for module in stage:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from .export import export_runs_modules
 from .reference import ReferenceDenseLayer, concatenate_dense_features
 
 __all__ = ["MODES", "DenseBlock", "DenseLayer"]
@@ -59,7 +60,7 @@ class DenseLayer(ReferenceDenseLayer):
         self.memory_efficient = mode == "checkpoint"
 
     def forward(self, input: Tensor | list[Tensor]) -> Tensor:
-        if self.mode != "efficient":
+        if self.mode != "efficient" or export_runs_modules(self):
             return super().forward(input)
         prev_features = [input] if isinstance(input, Tensor) else list(input)
         features = prev_features[0] if len(prev_features) == 1 else torch.cat(prev_features, 1)
@@ -118,7 +119,7 @@ class DenseBlock(nn.ModuleDict):
             layer.mode = mode
 
     def forward(self, init_features: Tensor) -> Tensor:
-        if self.mode == "efficient":
+        if self.mode == "efficient" and not export_runs_modules(self):
             return functional.dense_block(init_features, self, self.recompute_bottleneck, self.sync_group)
         functional.check_block_input(init_features, self)
         return concatenate_dense_features(self.values(), init_features)
