@@ -12,13 +12,14 @@ isolated ones, so ``pip install .`` works as ``pip install
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import site
 import sysconfig
 
 from setuptools import build_meta as _setuptools
-from setuptools.build_meta import *  # noqa: F401,F403  (the PEP 517 hooks)
+from setuptools.build_meta import *  # noqa: F401,F403  (the hooks; those below replace some)
 
 NO_TORCH = (
     "densenet_efficient compiles against the torch it will run with, and this Python has none: "
@@ -39,41 +40,23 @@ def _use_installed_torch() -> None:
     os.environ["PATH"] = os.pathsep.join([paths["scripts"], os.environ.get("PATH", "")])
 
 
-def get_requires_for_build_wheel(config_settings=None):
-    _use_installed_torch()
-    return _setuptools.get_requires_for_build_wheel(config_settings)
+# The PEP 517 hooks, each finding torch first (setup.py imports it).
+_HOOKS = (
+    "get_requires_for_build_wheel", "get_requires_for_build_editable", "get_requires_for_build_sdist",
+    "prepare_metadata_for_build_wheel", "prepare_metadata_for_build_editable",
+    "build_wheel", "build_editable", "build_sdist",
+)
 
 
-def get_requires_for_build_editable(config_settings=None):
-    _use_installed_torch()
-    return _setuptools.get_requires_for_build_editable(config_settings)
+def _finding_torch_first(name: str):
+    hook = getattr(_setuptools, name)
+
+    @functools.wraps(hook)
+    def run(*args, **kwargs):
+        _use_installed_torch()
+        return hook(*args, **kwargs)
+
+    return run
 
 
-def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
-    _use_installed_torch()
-    return _setuptools.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
-
-
-def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
-    _use_installed_torch()
-    return _setuptools.prepare_metadata_for_build_editable(metadata_directory, config_settings)
-
-
-def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    _use_installed_torch()
-    return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
-
-
-def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    _use_installed_torch()
-    return _setuptools.build_editable(wheel_directory, config_settings, metadata_directory)
-
-
-def get_requires_for_build_sdist(config_settings=None):
-    _use_installed_torch()
-    return _setuptools.get_requires_for_build_sdist(config_settings)
-
-
-def build_sdist(sdist_directory, config_settings=None):
-    _use_installed_torch()
-    return _setuptools.build_sdist(sdist_directory, config_settings)
+globals().update({name: _finding_torch_first(name) for name in _HOOKS})

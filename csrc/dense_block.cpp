@@ -77,7 +77,7 @@ Tensor contiguous_operand(const Tensor& t) {
 }
 
 at::MemoryFormat block_memory_format(const Tensor& input) {
-  if (input.dim() != 4 && input.dim() != 5) {
+  if ((input.dim() != 4 && input.dim() != 5) || !input.is_cpu()) {
     return at::MemoryFormat::Contiguous;
   }
   const auto channels_last = input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
@@ -253,9 +253,9 @@ std::tuple<Tensor, Tensor> conv_backward(
       /*dilation=*/per_spatial_dim(input, 1), /*transposed=*/false,
       /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1,
       /*output_mask=*/{true, true, false});
-  // The input gradient in the input's memory format, the weight's contiguous:
-  // what the fake kernels promise, and compiled graphs trust.
-  return {grad_input.contiguous(input.suggest_memory_format()), grad_weight.contiguous()};
+  // The weight's gradient contiguous, as the fake kernels promise and compiled
+  // graphs trust; the input's (used only inside the operators) as ATen gives it.
+  return {grad_input, grad_weight.contiguous()};
 }
 
 // at::native_dropout draws its mask exactly as at::dropout (F.dropout) does on

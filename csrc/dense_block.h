@@ -145,11 +145,14 @@ Normalization norm2_normalization(const Block& block, int64_t l, const BlockStat
 // relu(norm(input)) into `out`.
 void apply_bn_relu(const Norm& norm, const Normalization& n, const Tensor& input, const Tensor& out);
 
-// The memory format a block computes in, and its output's: its input's,
-// channels last (NHWC, NDHWC: the block buffer, scratches and gradient
-// buffer) or contiguous (NCHW; always for 1-D blocks). A channels-last model
-// hands its blocks channels-last inputs (ATen's convolutions follow a
-// channels-last weight).
+// The memory format a block computes in, and its output's: on the CPU its
+// input's, channels last (NHWC, NDHWC: the block buffer, scratches and
+// gradient buffer) or contiguous (NCHW; always for 1-D blocks). A
+// channels-last model hands its blocks channels-last inputs (the stem follows
+// conv0's weight, as ATen's convolution does). Elsewhere (CUDA) always
+// contiguous: until the CUDA kernels walk channel rows, a channels-last block
+// would copy every channel slice into planes and back, several full-size
+// temporaries per layer that the memory model does not count.
 at::MemoryFormat block_memory_format(const Tensor& input);
 
 // New [N, channels, *spatial] maps like `like`, in `format`.

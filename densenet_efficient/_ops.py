@@ -220,11 +220,12 @@ def block_statistics_size(num_input_features: int, num_layers: int, growth_rate:
 
 def block_memory_format(input: torch.Tensor) -> torch.memory_format:
     """The memory format an efficient block computes in and gives its output
-    (csrc/dense_block.h): its input's, channels last or contiguous (always
-    contiguous for 1-D blocks)."""
+    (csrc/dense_block.h): on the CPU its input's, channels last or contiguous
+    (always contiguous for 1-D blocks); elsewhere contiguous (the CUDA kernels
+    walk planes only)."""
     from torch._prims_common import suggest_memory_format
 
-    if input.dim() not in (4, 5):
+    if input.dim() not in (4, 5) or input.device.type != "cpu":
         return torch.contiguous_format
     channels_last = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
     return channels_last if suggest_memory_format(input) == channels_last else torch.contiguous_format

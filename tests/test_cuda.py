@@ -563,3 +563,31 @@ def test_synchronize_batch_norm_uses_torch_sync_batch_norm_on_cuda(one_rank_worl
     x = torch.randn(4, 3, 32, 32, device="cuda")
     assert rel_error(model(x), plain(x)) <= 1e-5
     assert rel_error(modules[norms[0]].running_mean, dict(plain.named_buffers())[f"{norms[0]}.running_mean"]) <= 1e-5
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3], ids=["2d", "3d"])
+def test_a_channels_last_model_matches_naive_and_computes_contiguous(spatial_dims):
+    """A channels-last model (and image) on CUDA: the efficient blocks,
+    transitions and stem compute in NCHW there (the CUDA kernels walk planes
+    only) and match naive mode, which follows the channels-last weights."""
+    import copy
+
+    torch.manual_seed(0)
+    ours = models.DenseNet(4, (2, 2), 8, num_classes=5, spatial_dims=spatial_dims).double().cuda()
+    reference_model = copy.deepcopy(ours)
+    reference_model.mode = "naive"
+    memory_format = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+    for model in (ours, reference_model):
+        model.to(memory_format=memory_format)
+    layouts = []
+    for module in ours.features.children():
+        if isinstance(module, (models.Transition, models.DenseBlock)):
+            module.register_forward_hook(lambda m, args, out: layouts.append(out.is_contiguous()))
+    x = torch.randn(2, 3, *[32] * spatial_dims, dtype=torch.float64, device="cuda")
+    x = x.contiguous(memory_format=memory_format)
+    grad = torch.randn(2, 5, dtype=torch.float64, device="cuda")
+    mine, expected = step_results(ours, x, grad), step_results(reference_model, x, grad)
+    assert layouts and all(layouts), layouts
+    for name in expected:
+        close = rel_error(mine[name], expected[name]) <= 1e-9
+        assert close or (mine[name] - expected[name]).abs().max() <= 1e-12, name

@@ -697,12 +697,13 @@ def test_opcheck_dense_block_backward(training, bn_size, whole_channels):
 @pytest.mark.parametrize("bn_size", [2, 0], ids=["bottleneck", "plain"])
 @pytest.mark.parametrize("channels_last", ["input", "weights"])
 def test_a_channels_last_block_gives_what_its_fake_kernel_says(device, bn_size, channels_last):
-    """A channels-last input makes the block compute channels last (its
-    buffer the output, the bottlenecks, the dropout masks, the input's
-    gradient); channels-last weights alone do not (cuDNN and oneDNN would
-    follow them: the block gives its convolutions contiguous weights). The
-    fake kernels say the same. float32 on CUDA, where cuDNN computes float64
-    in NCHW whatever its input."""
+    """On the CPU a channels-last input makes the block compute channels last
+    (its buffer the output, the bottlenecks, the dropout masks, the input's
+    gradient); on CUDA, whose kernels walk planes only, blocks compute
+    contiguous. Channels-last weights alone do not decide (cuDNN and oneDNN
+    would follow them: the block gives its convolutions contiguous weights).
+    The fake kernels say the same. float32 on CUDA, where cuDNN computes
+    float64 in NCHW whatever its input."""
     dtype = torch.float32 if device == "cuda" else torch.float64
     block, _ = make_pair(3, 4, 3, bn_size=bn_size, drop_rate=0.3, dtype=dtype)
     block.to(device=device)
@@ -717,7 +718,8 @@ def test_a_channels_last_block_gives_what_its_fake_kernel_says(device, bn_size, 
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     with torch.no_grad():
         results = dict(zip(result_names(forward), forward(*positional(forward, args))))
-    layout = torch.channels_last if channels_last == "input" else torch.contiguous_format
+    computes_channels_last = channels_last == "input" and device == "cpu"
+    layout = torch.channels_last if computes_channels_last else torch.contiguous_format
     maps = [results["output"], *results["bottlenecks"], *results["dropout_masks"]]
     assert results["dropout_masks"] and all(t.is_contiguous(memory_format=layout) for t in maps)
     backward_args = {**{n: [t.detach() for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
