@@ -107,11 +107,15 @@ def autocast_dtype(input: Tensor) -> torch.dtype | None:
     """The dtype autocast would run this block's convolutions in, or None.
     Like autocast, it leaves float64 alone."""
     device_type = input.device.type
-    if (
-        input.dtype == torch.float64
-        or not torch.amp.is_autocast_available(device_type)
-        or not torch.is_autocast_enabled(device_type)
-    ):
+    if input.dtype == torch.float64:
+        return None
+    # Devices without autocast (meta, say) would make is_autocast_enabled
+    # raise. Under torch.compile the input is on a device our kernels run on
+    # (CPU, CUDA: both have autocast), and the check is skipped: torch 2.11's
+    # dynamo cannot trace it.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
