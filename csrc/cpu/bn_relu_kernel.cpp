@@ -369,15 +369,12 @@ struct CpuKernels : cpu::ChannelRowKernels {
                   const Affine<math_t> a(vectors, c, eps);
                   const auto [sum_g, sum_g_centered] =
                       channel_grad_sums<scalar_t, math_t>(dy, x, batch, plane_size, c, a);
-                  dw[c] = static_cast<math_t>(sum_g_centered * a.invstd);
-                  db[c] = static_cast<math_t>(sum_g);
-                  const math_t mean_g =
-                      batch_stats ? static_cast<math_t>(sum_g / count) : 0;
-                  const math_t centered_coef = batch_stats
-                      ? static_cast<math_t>(sum_g_centered * a.invstd * a.invstd / count)
-                      : 0;
+                  const ChannelBackward<math_t> terms(
+                      sum_g, sum_g_centered, a.invstd, batch_stats, static_cast<double>(count));
+                  dw[c] = terms.grad_weight;
+                  db[c] = terms.grad_bias;
                   channel_grad_input<accumulate, scalar_t, math_t>(
-                      dy, x, dx, batch, plane_size, c, a, mean_g, centered_coef);
+                      dy, x, dx, batch, plane_size, c, a, terms.mean_g, terms.centered_coef);
                 }
               });
         });
@@ -405,8 +402,9 @@ struct CpuKernels : cpu::ChannelRowKernels {
               const Affine<math_t> a(vectors, c, eps);
               const auto [sum_g, sum_g_centered] =
                   channel_grad_sums<scalar_t, math_t>(dy, x, batch, plane_size, c, a);
-              dw[c] = static_cast<math_t>(sum_g_centered * a.invstd);
-              db[c] = static_cast<math_t>(sum_g);
+              const ChannelBackward<math_t> terms(sum_g, sum_g_centered, a.invstd, /*batch_stats=*/false, 0);
+              dw[c] = terms.grad_weight;
+              db[c] = terms.grad_bias;
             }
           });
         });
@@ -437,10 +435,9 @@ struct CpuKernels : cpu::ChannelRowKernels {
           at::parallel_for(0, channels, grain_for(batch * plane_size), [&](int64_t begin, int64_t end) {
             for (int64_t c = begin; c < end; ++c) {
               const Affine<math_t> a(vectors, c, eps);
-              const auto mean_g = static_cast<math_t>(db[c] / values);
-              const auto centered_coef = static_cast<math_t>(dw[c] * a.invstd / values);
+              const ChannelBackward<math_t> terms(dw[c], db[c], a.invstd, values);
               channel_grad_input<accumulate, scalar_t, math_t>(
-                  dy, x, dx, batch, plane_size, c, a, mean_g, centered_coef);
+                  dy, x, dx, batch, plane_size, c, a, terms.mean_g, terms.centered_coef);
             }
           });
         });

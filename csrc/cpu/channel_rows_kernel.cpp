@@ -270,14 +270,13 @@ void ChannelRowKernels::backward_rows(
     const auto [sum_g, sum_g_centered] = grad_sums_impl<scalar_t>(grad_output, input, a);
     auto* dw = grad_weight.mutable_data_ptr<math_t>();
     auto* db = grad_bias.mutable_data_ptr<math_t>();
-    std::vector<math_t> mean_g(channels, 0), centered_coef(channels, 0);
+    std::vector<math_t> mean_g(channels), centered_coef(channels);
     for (int64_t c = 0; c < channels; ++c) {
-      dw[c] = static_cast<math_t>(sum_g_centered[c] * a.invstd[c]);
-      db[c] = static_cast<math_t>(sum_g[c]);
-      if (batch_stats) {
-        mean_g[c] = static_cast<math_t>(sum_g[c] / count);
-        centered_coef[c] = static_cast<math_t>(sum_g_centered[c] * a.invstd[c] * a.invstd[c] / count);
-      }
+      const ChannelBackward<math_t> terms(sum_g[c], sum_g_centered[c], a.invstd[c], batch_stats, count);
+      dw[c] = terms.grad_weight;
+      db[c] = terms.grad_bias;
+      mean_g[c] = terms.mean_g;
+      centered_coef[c] = terms.centered_coef;
     }
     grad_input_impl<scalar_t>(grad_output, input, a, mean_g, centered_coef, accumulate, grad_input);
   });
@@ -297,8 +296,9 @@ void ChannelRowKernels::grad_sums_rows(
     auto* dw = grad_weight.mutable_data_ptr<math_t>();
     auto* db = grad_bias.mutable_data_ptr<math_t>();
     for (int64_t c = 0; c < input.size(1); ++c) {
-      dw[c] = static_cast<math_t>(sum_g_centered[c] * a.invstd[c]);
-      db[c] = static_cast<math_t>(sum_g[c]);
+      const ChannelBackward<math_t> terms(sum_g[c], sum_g_centered[c], a.invstd[c], /*batch_stats=*/false, 0);
+      dw[c] = terms.grad_weight;
+      db[c] = terms.grad_bias;
     }
   });
 }
@@ -321,8 +321,9 @@ void ChannelRowKernels::grad_input_rows(
     const auto* db = sums.bias.const_data_ptr<math_t>();
     std::vector<math_t> mean_g(channels), centered_coef(channels);
     for (int64_t c = 0; c < channels; ++c) {
-      mean_g[c] = static_cast<math_t>(db[c] / values);
-      centered_coef[c] = static_cast<math_t>(dw[c] * a.invstd[c] / values);
+      const ChannelBackward<math_t> terms(dw[c], db[c], a.invstd[c], values);
+      mean_g[c] = terms.mean_g;
+      centered_coef[c] = terms.centered_coef;
     }
     grad_input_impl<scalar_t>(grad_output, input, a, mean_g, centered_coef, accumulate, grad_input);
   });

@@ -111,6 +111,30 @@ struct Affine {
   }
 };
 
+// Backward's per-channel terms (bn_relu_kernel.cpp derives them), from the
+// channel's gradient sums Σg and Σg·(x − μ) in double over `count` values:
+// dγ = invstd·Σg(x − μ), dβ = Σg, and the terms of
+// dx = scale·(g − mean_g − (x − μ)·centered_coef): with batch statistics
+// mean_g = Σg/M and centered_coef = invstd²·Σg(x − μ)/M, zero with fixed ones.
+template <typename math_t>
+struct ChannelBackward {
+  math_t grad_weight, grad_bias, mean_g, centered_coef;
+
+  ChannelBackward(double sum_g, double sum_g_centered, math_t invstd, bool batch_stats, double count)
+      : grad_weight(static_cast<math_t>(sum_g_centered * invstd)),
+        grad_bias(static_cast<math_t>(sum_g)),
+        mean_g(batch_stats ? static_cast<math_t>(sum_g / count) : math_t(0)),
+        centered_coef(batch_stats ? static_cast<math_t>(sum_g_centered * invstd * invstd / count) : math_t(0)) {}
+
+  // With batch statistics whose dγ and dβ, over `count` values, come from
+  // elsewhere (a global batch: synchronised BatchNorm).
+  ChannelBackward(math_t grad_weight_, math_t grad_bias_, math_t invstd, double count)
+      : grad_weight(grad_weight_),
+        grad_bias(grad_bias_),
+        mean_g(static_cast<math_t>(grad_bias_ / count)),
+        centered_coef(static_cast<math_t>(grad_weight_ * invstd / count)) {}
+};
+
 // The ReLU gate of backward: the gradient passes unless the stored output is
 // <= 0 (ATen's threshold_backward gates on relu's result): a tiny positive y
 // that half/bfloat16 rounds to zero passes no gradient, as in PyTorch. That is
