@@ -264,10 +264,14 @@ def run(args: argparse.Namespace) -> dict:
     device, rank, world_size = _distributed_setup(args.device)
     try:
         with deterministic_algorithms(args.deterministic):
-            return _run(args, device, rank, world_size)
+            result = _run(args, device, rank, world_size)
+        if world_size > 1:
+            dist.barrier()  # no rank tears the group down while another still uses it
+        return result
     finally:
-        # A process group left alive at exit can abort the interpreter's
-        # shutdown (gloo's threads: "terminate called without an active exception").
+        # A process group left alive at exit, or torn down while a peer still
+        # talks to it, can abort the process (gloo's threads: "terminate
+        # called without an active exception").
         if owns_group and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -34,6 +34,10 @@ def _worker(rank, port, target, args):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         target(rank, *args)
+        # No rank tears gloo down while the other may still be talking to it:
+        # once in CI a rank that left first died in teardown (SIGABRT,
+        # "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
