@@ -1,8 +1,9 @@
 """The case the GPU check runs under compute-sanitizer (memcheck; racecheck
 with --quick): every per-channel operator of ours on every dtype the kernels
-take and every layout they walk differently, then the fused transition and
-stem, dense blocks (dropout, recomputed bottlenecks, 1-D/2-D/3-D, eval) and
-blocks under autocast. Shapes are tiny: the sanitizer makes each launch of our
+take and every layout they walk differently (planes, and the channel rows of
+channels-last buffers), then the fused transition and stem, dense blocks
+(dropout, recomputed bottlenecks, 1-D/2-D/3-D, eval), blocks under autocast,
+and channels-last blocks, transition and stem. Shapes are tiny: the sanitizer makes each launch of our
 kernels slow, not the others (its filter instruments ours alone).
 
     python3 benchmarks/gpu_check_case.py --device cuda [--quick]
@@ -37,23 +38,38 @@ DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 # width, a 3-D plane.
 PLANES = ((1, 1), (3,), (5, 7), (8, 8), (2, 3, 2))
 # Channels 3..3+C of a wider buffer (each sample's planes back to back, the
-# block buffer's layout), and the same one element off 16-byte alignment.
-LAYOUTS = ("slice", "misaligned")
-QUICK = {"dtypes": (torch.float32, torch.float16), "planes": ((1, 1), (5, 7), (2, 3, 2)), "layouts": ("misaligned",)}
+# block buffer's layout), the same one element off 16-byte alignment, and
+# channels 3..3+C of a channels-last buffer (walked by channel rows, which
+# take no vectors: aligned or not is all one to them).
+LAYOUTS = ("slice", "misaligned", "rows")
+QUICK = {"dtypes": (torch.float32, torch.float16), "planes": ((1, 1), (5, 7), (2, 3, 2)),
+         "layouts": ("misaligned", "rows")}
+# The "wide-rows" layout: 37 channels of a channels-last buffer over 16×16
+# planes, so that the CUDA row kernels run several tiles of 32 channels (the
+# last one partial) and several chunks of rows per channel.
+WIDE = {"layout": "wide-rows", "plane": (16, 16), "channels": 37}
 BATCH, CHANNELS, EXTRA_CHANNELS = 2, 3, 5
 EPS = 1e-5
 
 
+def _channels(layout: str) -> int:
+    return WIDE["channels"] if layout == WIDE["layout"] else CHANNELS
+
+
 def _layout_view(flat: torch.Tensor, layout: str, plane: tuple[int, ...]) -> torch.Tensor:
     """Channels 3..3+C of [N, C + 5, *plane] made of `flat` (from its second
-    element for the misaligned layout)."""
+    element for the misaligned layout; channels last for the row layouts)."""
     start = 1 if layout == "misaligned" else 0
-    wide = (BATCH, CHANNELS + EXTRA_CHANNELS, *plane)
-    return flat[start : start + math.prod(wide)].view(wide)[:, 3 : 3 + CHANNELS]
+    channels = _channels(layout)
+    total = channels + EXTRA_CHANNELS
+    values = flat[start : start + BATCH * total * math.prod(plane)]
+    wide = values.view(BATCH, *plane, total).movedim(-1, 1) if layout.endswith("rows") else values.view(
+        BATCH, total, *plane)
+    return wide[:, 3 : 3 + channels]
 
 
-def _flat_size(plane: tuple[int, ...]) -> int:
-    return BATCH * (CHANNELS + EXTRA_CHANNELS) * math.prod(plane) + 1
+def _flat_size(plane: tuple[int, ...], layout: str) -> int:
+    return BATCH * (_channels(layout) + EXTRA_CHANNELS) * math.prod(plane) + 1
 
 
 class Case:
@@ -62,17 +78,18 @@ class Case:
         self.generator = torch.Generator().manual_seed(0)
         self.operator_calls = 0
         self.module_steps = 0
+        self.channels_last = False  # the modules' inputs
 
     def random(self, size: int, dtype: torch.dtype) -> torch.Tensor:
         values = torch.randn(size, generator=self.generator, dtype=torch.float64) * 1.5 + 0.3
         return values.to(device=self.device, dtype=dtype)
 
     def input(self, layout: str, plane: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return _layout_view(self.random(_flat_size(plane), dtype), layout, plane)
+        return _layout_view(self.random(_flat_size(plane, layout), dtype), layout, plane)
 
     def guarded(self, layout: str, plane, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """A NaN buffer and the view of it an operator may write."""
-        flat = torch.full((_flat_size(plane),), float("nan"), dtype=dtype, device=self.device)
+        flat = torch.full((_flat_size(plane, layout),), float("nan"), dtype=dtype, device=self.device)
         return flat, _layout_view(flat, layout, plane)
 
     @staticmethod
@@ -82,7 +99,7 @@ class Case:
         if not flat[~covered].isnan().all():
             raise AssertionError(f"{what}: wrote outside its view ({layout}, plane {plane}, {flat.dtype})")
 
-    def vectors(self, dtype: torch.dtype, count: int = CHANNELS) -> tuple[torch.Tensor, torch.Tensor]:
+    def vectors(self, dtype: torch.dtype, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = torch.rand(count, generator=self.generator, dtype=torch.float64) + 0.5
         bias = torch.randn(count, generator=self.generator, dtype=torch.float64) * 0.3
         return weight.to(self.device, dtype), bias.to(self.device, dtype)
@@ -93,11 +110,12 @@ class Case:
         reading views of `layout`, writing guarded views."""
         where = f"{dtype} plane {plane} {layout}"
         stats_dtype = math_dtype(dtype)
+        channels = _channels(layout)
         x, grad = self.input(layout, plane, dtype), self.input(layout, plane, dtype)
-        weight, bias = self.vectors(stats_dtype)
+        weight, bias = self.vectors(stats_dtype, channels)
         mean, var = ops.channel_stats(x)
 
-        stats = torch.full((2, CHANNELS + 2), float("nan"), dtype=stats_dtype, device=self.device)
+        stats = torch.full((2, channels + 2), float("nan"), dtype=stats_dtype, device=self.device)
         ops.channel_stats_out(x, stats[0, 1:-1], stats[1, 1:-1])
         if not (torch.equal(stats[0, 1:-1], mean) and torch.equal(stats[1, 1:-1], var)):
             raise AssertionError(f"channel_stats_out differs from channel_stats ({where})")
@@ -105,7 +123,7 @@ class Case:
             raise AssertionError(f"channel_stats_out wrote outside its statistics ({where})")
 
         flat, copy = self.guarded(layout, plane, dtype)
-        copy_stats = torch.empty((2, CHANNELS), dtype=stats_dtype, device=self.device)
+        copy_stats = torch.empty((2, channels), dtype=stats_dtype, device=self.device)
         ops.copy_with_stats(x, copy, copy_stats[0], copy_stats[1])
         self.check_untouched(flat, layout, plane, "copy_with_stats")
         if not torch.equal(copy, x):
@@ -144,18 +162,21 @@ class Case:
         # Two norms reading one flat statistics vector at offsets, one with
         # momentum and one with a cumulative average.
         batch_mean, batch_var = torch.cat([mean, mean[:2]]), torch.cat([var, var[:2]])
-        running_mean = [torch.zeros(n, dtype=stats_dtype, device=self.device) for n in (CHANNELS, 2)]
-        running_var = [torch.ones(n, dtype=stats_dtype, device=self.device) for n in (CHANNELS, 2)]
+        running_mean = [torch.zeros(n, dtype=stats_dtype, device=self.device) for n in (channels, 2)]
+        running_var = [torch.ones(n, dtype=stats_dtype, device=self.device) for n in (channels, 2)]
         tracked = [torch.zeros((), dtype=torch.int64, device=self.device) for _ in range(2)]
-        ops.update_running_stats(running_mean, running_var, tracked, [0.1, None], [0, CHANNELS], batch_mean,
+        ops.update_running_stats(running_mean, running_var, tracked, [0.1, None], [0, channels], batch_mean,
                                  batch_var, count)
         if not all(int(t) == 1 for t in tracked) or not running_mean[1].isfinite().all():
             raise AssertionError(f"update_running_stats ({where})")
         self.operator_calls += 1
 
     def step(self, module: nn.Module, x: torch.Tensor) -> None:
-        """Training forward + backward, then an eval forward (running statistics)."""
+        """Training forward + backward, then an eval forward (running
+        statistics), in the memory format the case runs in."""
         module.train()
+        if self.channels_last and x.dim() in (4, 5):
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         x = x.detach().requires_grad_()
         out = module(x)
         out.float().square().mean().backward()
@@ -194,6 +215,17 @@ class Case:
                 self.blocks([(0.2, True, 2)])
                 self.transitions([2])
 
+    def in_channels_last(self, quick: bool) -> None:
+        """Blocks, a transition and a stem fed channels-last inputs: their
+        buffers channels last, walked by channel rows."""
+        self.channels_last = True
+        self.blocks([(0.2, True, 2)] if quick else [(0.2, True, 2), (0.0, False, 3)])
+        self.transitions([2])
+        self.stems([2])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            self.blocks([(0.0, False, 2)])
+        self.channels_last = False
+
 
 def run(device: torch.device, quick: bool) -> Case:
     """The whole case; a line after each part, so that the log of a run
@@ -205,6 +237,8 @@ def run(device: torch.device, quick: bool) -> Case:
         for plane in planes:
             for layout in layouts:
                 case.per_channel_ops(dtype, plane, layout)
+        if dtype != torch.float64:
+            case.per_channel_ops(dtype, WIDE["plane"], WIDE["layout"])
         print(f"per-channel operators, {dtype}: done", flush=True)
     parts = [
         ("transitions", lambda: case.transitions([2] if quick else [1, 2, 3])),
@@ -212,6 +246,7 @@ def run(device: torch.device, quick: bool) -> Case:
         ("blocks", lambda: case.blocks([(0.2, True, 2)] if quick else [
             (0.0, False, 2), (0.2, False, 2), (0.0, True, 2), (0.2, True, 3), (0.0, False, 1)])),
         ("autocast", lambda: case.autocast([torch.bfloat16] if quick else [torch.bfloat16, torch.float16])),
+        ("channels last", lambda: case.in_channels_last(quick)),
     ]
     for name, part in parts:
         part()

@@ -193,13 +193,14 @@ def _kernel_lines(rows: list[dict]) -> list[str]:
         return []
     lines = ["Bandwidth of the bytes each kernel must move, against a device-to-device copy of the same tensor "
              f"(median of {rows[0].get('repeats')} runs):", "",
-             "| shape | dtype | kernel | ms | GB/s | % of copy | ATen op | ATen ms |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape | layout | dtype | kernel | ms | GB/s | % of copy | ATen op | ATen ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ours = (f"{r['ms']:.3f} | {r['GB/s']:.0f} | {100 * r['fraction_of_copy']:.0f}%" if "ms" in r
                 else f"error: {r.get('error')} | | ")
         aten = (f"{r['aten_ms']:.3f}" if "aten_ms" in r else f"error: {r['aten_error']}" if "aten_error" in r else "")
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['kernel']} | {ours} | {r.get('aten', '')} | {aten} |")
+        lines.append(f"| {r['shape']} | {r.get('layout', 'contiguous')} | {r['dtype']} | {r['kernel']} | {ours} "
+                     f"| {r.get('aten', '')} | {aten} |")
     return lines + [""]
 
 

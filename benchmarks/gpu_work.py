@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -227,16 +228,19 @@ def timed_ms(fn, device: str, repeats: int, warmup: int = 3) -> float:
 def kernels(device: str, records: Records, shape: tuple[int, ...], repeats: int) -> bool:
     """Each per-channel kernel's bandwidth (the bytes it must move, each
     tensor once) as a fraction of a device-to-device copy's, and ATen's
-    equivalent's time, per dtype. A failing ATen reference is recorded, not
-    counted as a failure; a failing kernel of ours is."""
+    equivalent's time, per dtype and memory format (contiguous: the plane
+    walk; channels last: the channel-row walk). A failing ATen reference is
+    recorded, not counted as a failure; a failing kernel of ours is."""
     import torch
     import torch.nn.functional as F
 
     from densenet_efficient._ops import ops
 
     ok = True
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        x = torch.randn(shape, device=device, dtype=dtype)
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape))
+    layouts = [("contiguous", torch.contiguous_format)] + ([("channels_last", channels_last)] if channels_last else [])
+    for (layout, memory_format), dtype in itertools.product(layouts, (torch.float32, torch.float16, torch.bfloat16)):
+        x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
         channels, nbytes = shape[1], x.numel() * x.element_size()
         weight = torch.rand(channels, device=device) + 0.5
         bias = torch.randn(channels, device=device) * 0.1
@@ -263,7 +267,7 @@ def kernels(device: str, records: Records, shape: tuple[int, ...], repeats: int)
              4 * nbytes, None, None),
         ]
         for name, fn, bytes_moved, aten_name, aten_fn in cases:
-            row = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "kernel": name,
+            row = {"shape": list(shape), "layout": layout, "dtype": str(dtype).removeprefix("torch."), "kernel": name,
                    "bytes": bytes_moved, "copy_GB/s": copy_gbps, "repeats": repeats}
             try:
                 row["ms"] = timed_ms(fn, device, repeats)

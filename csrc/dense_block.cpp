@@ -77,7 +77,7 @@ Tensor contiguous_operand(const Tensor& t) {
 }
 
 at::MemoryFormat block_memory_format(const Tensor& input) {
-  if ((input.dim() != 4 && input.dim() != 5) || !input.is_cpu()) {
+  if ((input.dim() != 4 && input.dim() != 5) || (input.dim() == 5 && !input.is_cpu())) {
     return at::MemoryFormat::Contiguous;
   }
   const auto channels_last = input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;

@@ -145,14 +145,15 @@ Normalization norm2_normalization(const Block& block, int64_t l, const BlockStat
 // relu(norm(input)) into `out`.
 void apply_bn_relu(const Norm& norm, const Normalization& n, const Tensor& input, const Tensor& out);
 
-// The memory format a block computes in, and its output's: on the CPU its
-// input's, channels last (NHWC, NDHWC: the block buffer, scratches and
-// gradient buffer) or contiguous (NCHW; always for 1-D blocks). A
-// channels-last model hands its blocks channels-last inputs (the stem follows
-// conv0's weight, as ATen's convolution does). Elsewhere (CUDA) always
-// contiguous: until the CUDA kernels walk channel rows, a channels-last block
-// would copy every channel slice into planes and back, several full-size
-// temporaries per layer that the memory model does not count.
+// The memory format a block computes in, and its output's: its input's,
+// channels last (NHWC, NDHWC: the block buffer, scratches and gradient
+// buffer, whose channel slices the CPU and CUDA kernels walk in place by
+// channel rows) or contiguous (NCHW; always for 1-D blocks, and for volumes
+// on CUDA, whose 3-D average pooling has no channels_last_3d kernel: a
+// transition would copy its widest map to contiguous in forward and its
+// gradient back in backward, a map more than the memory model counts). A
+// channels-last model hands its blocks channels-last inputs (the stem
+// follows conv0's weight, as ATen's convolution does).
 at::MemoryFormat block_memory_format(const Tensor& input);
 
 // New [N, channels, *spatial] maps like `like`, in `format`.

@@ -129,4 +129,27 @@ ReductionPlan plan_reduction(
   return plan;
 }
 
+RowPlan plan_rows(int64_t rows, int64_t channels, bool reduction, int64_t multiprocessors) {
+  TORCH_INTERNAL_ASSERT(
+      rows > 0 && channels > 0 && multiprocessors > 0, "launch plans need a non-empty shape, got ", rows,
+      " rows of ", channels, " channels");
+  RowPlan plan;
+  plan.channel_tiles = ceil_div(channels, kRowTileChannels);
+  TORCH_CHECK(
+      plan.channel_tiles <= kInt32Max, "kernels over channel rows take at most ",
+      kInt32Max * kRowTileChannels, " channels, got ", channels);
+  const int64_t blocks_per_multiprocessor =
+      reduction ? kReductionBlocksPerMultiprocessor : kElementwiseBlocksPerMultiprocessor;
+  const int64_t wanted = ceil_div(multiprocessors * blocks_per_multiprocessor, plan.channel_tiles);
+  if (!reduction) {
+    plan.row_blocks = std::clamp<int64_t>(std::min(wanted, ceil_div(rows, kRowTileRows)), 1, kMaxGridY);
+    return plan;
+  }
+  const int64_t chunks =
+      std::clamp<int64_t>(std::min(wanted, std::max<int64_t>(1, rows / kMinRowsPerChunk)), 1, kMaxGridY);
+  plan.chunk = ceil_div(rows, chunks);
+  plan.row_blocks = ceil_div(rows, plan.chunk);  // no block without rows
+  return plan;
+}
+
 } // namespace densenet_efficient::launch

@@ -77,4 +77,26 @@ ReductionPlan plan_reduction(
     const std::vector<PlaneLayout>& tensors,
     int64_t multiprocessors);
 
+// Kernels over channel rows (channels-last tensors and channel slices of
+// them: N·P rows of C values, each row's values contiguous, rows a fixed
+// stride apart) run blocks of kRowTileChannels × kRowTileRows threads, a
+// warp reading consecutive channels of one row. gridDim.x counts tiles of
+// kRowTileChannels channels; gridDim.y counts row blocks: elementwise, each
+// thread then steps over rows a grid's height apart; in reductions, block
+// (tile, s) reduces rows [s·chunk, (s+1)·chunk) of its channels into one
+// partial result per channel.
+constexpr int kRowTileChannels = 32;
+constexpr int kRowTileRows = kThreads / kRowTileChannels;
+// Reductions: no block with fewer rows than this (each thread then adds at
+// least 16 values).
+constexpr int64_t kMinRowsPerChunk = kRowTileRows * 16;
+
+struct RowPlan {
+  int64_t channel_tiles = 0;  // gridDim.x
+  int64_t row_blocks = 0;     // gridDim.y: row blocks, or chunks (reductions)
+  int64_t chunk = 0;          // reductions: rows per block
+};
+
+RowPlan plan_rows(int64_t rows, int64_t channels, bool reduction, int64_t multiprocessors);
+
 } // namespace densenet_efficient::launch

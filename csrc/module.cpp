@@ -6,6 +6,7 @@
 
 #include <Python.h>
 
+#include <cstdint>
 #include <vector>
 
 namespace {
@@ -83,12 +84,34 @@ PyObject* plan_reduction(PyObject* /*self*/, PyObject* args) {
       plan.index32 ? Py_True : Py_False);
 }
 
+PyObject* plan_rows(PyObject* /*self*/, PyObject* args) {
+  long long rows = 0, channels = 0, multiprocessors = 0;
+  int reduction = 0;
+  if (!PyArg_ParseTuple(args, "LLpL", &rows, &channels, &reduction, &multiprocessors)) {
+    return nullptr;
+  }
+  if (rows <= 0 || channels <= 0 || multiprocessors <= 0 ||
+      channels > static_cast<long long>(INT32_MAX) * densenet_efficient::launch::kRowTileChannels) {
+    PyErr_SetString(
+        PyExc_ValueError,
+        "row launch plan: expected positive rows and multiprocessors and 1 to (2^31 - 1)·32 channels");
+    return nullptr;
+  }
+  const auto plan = densenet_efficient::launch::plan_rows(rows, channels, reduction != 0, multiprocessors);
+  return Py_BuildValue(
+      "{s:L,s:L,s:L}", "channel_tiles", static_cast<long long>(plan.channel_tiles), "row_blocks",
+      static_cast<long long>(plan.row_blocks), "chunk", static_cast<long long>(plan.chunk));
+}
+
 PyMethodDef methods[] = {
     {"plan_elementwise", plan_elementwise, METH_VARARGS,
      "The CUDA elementwise kernels' launch plan for (batch, channels, plane_size, "
      "element_size, [(address, stride_n, stride_c), ...], multiprocessors)."},
     {"plan_reduction", plan_reduction, METH_VARARGS,
      "The CUDA per-channel reductions' launch plan; same arguments."},
+    {"plan_rows", plan_rows, METH_VARARGS,
+     "The launch plan of the CUDA kernels over channel rows for (rows, channels, reduction, "
+     "multiprocessors)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

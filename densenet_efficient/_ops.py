@@ -60,11 +60,11 @@ def _fake_planar(name: str, input: torch.Tensor) -> None:
 
 
 def _result_like(input: torch.Tensor) -> torch.Tensor:
-    """A per-channel operator's result like `input`: in its memory format on
-    the CPU, whose kernels walk channels-last tensors in place; contiguous on
-    other devices (csrc/per_channel_ops.h, result_like)."""
-    memory_format = torch.preserve_format if input.device.type == "cpu" else torch.contiguous_format
-    return torch.empty_like(input, memory_format=memory_format)
+    """A per-channel operator's result like `input`, in its memory format: the
+    CPU and CUDA kernels walk channels-last tensors in place, and ATen's
+    BatchNorm keeps a channels-last input's layout (csrc/per_channel_ops.h,
+    result_like)."""
+    return torch.empty_like(input, memory_format=torch.preserve_format)
 
 
 def _channels_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -220,12 +220,11 @@ def block_statistics_size(num_input_features: int, num_layers: int, growth_rate:
 
 def block_memory_format(input: torch.Tensor) -> torch.memory_format:
     """The memory format an efficient block computes in and gives its output
-    (csrc/dense_block.h): on the CPU its input's, channels last or contiguous
-    (always contiguous for 1-D blocks); elsewhere contiguous (the CUDA kernels
-    walk planes only)."""
+    (csrc/dense_block.h): its input's, channels last or contiguous (always
+    contiguous for 1-D blocks, and for volumes on CUDA)."""
     from torch._prims_common import suggest_memory_format
 
-    if input.dim() not in (4, 5) or input.device.type != "cpu":
+    if input.dim() not in (4, 5) or (input.dim() == 5 and input.device.type != "cpu"):
         return torch.contiguous_format
     channels_last = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
     return channels_last if suggest_memory_format(input) == channels_last else torch.contiguous_format

@@ -4,20 +4,23 @@ buffer, scratches and gradient buffer NHWC (NDHWC for volumes); the
 per-channel kernels walk channel slices of them in place and the 1×1
 convolutions are one GEMM over all pixels (CPU). Everything that holds in
 NCHW holds here: parity with the reference, gradcheck, saved bytes, float32
-and autocast errors, compile, synchronised BatchNorm, and no higher peak."""
+and autocast errors, compile, synchronised BatchNorm, and no higher peak.
+Parity, gradcheck and precision run on CUDA too, where the kernels walk the
+same channel rows."""
 
 import copy
 
 import pytest
 import torch
 
-from conftest import assert_results_close, make_pair, randomize_norms, rel_error, step_results
+from conftest import assert_results_close, make_pair, randomize_norms, rel_error, requires_cuda, step_results
 from densenet_efficient.allocations import allocation_peak
 from densenet_efficient.memory import dense_block_saved_bytes, saved_tensor_bytes
 
 FLOAT64_TOL = 1e-10
 FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
 SPATIAL = {2: (5, 6), 3: (3, 4, 3)}
+DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -28,19 +31,27 @@ def is_channels_last(t: torch.Tensor) -> bool:
     return t.is_contiguous(memory_format=FORMATS[t.dim() - 2])
 
 
+def in_the_computed_layout(t: torch.Tensor) -> bool:
+    """Whether `t`, a result of an efficient module fed channels-last maps,
+    is in the layout it computes in: channels last, but contiguous for
+    volumes on CUDA (csrc/dense_block.h, block_memory_format)."""
+    return is_channels_last(t) if t.dim() == 4 or t.device.type == "cpu" else t.is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spatial_dims", [2, 3], ids=["2d", "3d"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("options", [{}, {"drop_rate": 0.3}, {"recompute_bottleneck": True}, {"bn_size": 0}],
                          ids=["plain", "dropout", "recompute", "no-bottleneck"])
-def test_a_channels_last_input_matches_the_reference(spatial_dims, training, options):
-    ours, reference = make_pair(3, 5, 3, spatial_dims=spatial_dims, **options)
+def test_a_channels_last_input_matches_the_reference(device, spatial_dims, training, options):
+    ours, reference = (m.to(device) for m in make_pair(3, 5, 3, spatial_dims=spatial_dims, **options))
     ours.train(training)
     reference.train(training)
     spatial = SPATIAL[spatial_dims]
-    x = channels_last(torch.randn(4, 5, *spatial, dtype=torch.float64))
-    grad = channels_last(torch.randn(4, 14, *spatial, dtype=torch.float64))
+    x = channels_last(torch.randn(4, 5, *spatial, dtype=torch.float64, device=device))
+    grad = channels_last(torch.randn(4, 14, *spatial, dtype=torch.float64, device=device))
     mine = step_results(ours, x, grad)
-    assert is_channels_last(mine["output"]) and is_channels_last(mine["input.grad"])
+    assert in_the_computed_layout(mine["output"]) and in_the_computed_layout(mine["input.grad"])
     assert_results_close(mine, step_results(reference, x, grad), FLOAT64_TOL)
 
 
@@ -58,14 +69,15 @@ def test_a_channels_last_model_matches_the_reference_in_both_input_layouts():
         assert_results_close(mine, expected, FLOAT64_TOL)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spatial_dims", [2, 3], ids=["2d", "3d"])
-def test_gradcheck(spatial_dims):
+def test_gradcheck(device, spatial_dims):
     from torch.func import functional_call
 
-    block, _ = make_pair(2, 3, 2, bn_size=2, spatial_dims=spatial_dims)
+    block = make_pair(2, 3, 2, bn_size=2, spatial_dims=spatial_dims)[0].to(device)
     names = [n for n, _ in block.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in block.parameters())
-    x = channels_last(torch.randn(2, 3, *[3] * spatial_dims, dtype=torch.float64)).requires_grad_()
+    x = channels_last(torch.randn(2, 3, *[3] * spatial_dims, dtype=torch.float64, device=device)).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, *p: functional_call(block, dict(zip(names, p)), (x,)), (x, *params))
 
 
@@ -105,12 +117,13 @@ def test_the_step_peak_is_no_higher_than_in_nchw():
     assert peaks["channels_last"] <= peaks["contiguous"], peaks
 
 
-def test_float32_within_twice_naive_error():
-    ours32, naive32 = make_pair(4, 8, 4, dtype=torch.float32)
-    exact = make_pair(4, 8, 4)[1]
+@pytest.mark.parametrize("device", DEVICES)
+def test_float32_within_twice_naive_error(device):
+    ours32, naive32 = (m.to(device) for m in make_pair(4, 8, 4, dtype=torch.float32))
+    exact = make_pair(4, 8, 4)[1].to(device)
     generator = torch.Generator().manual_seed(3)
-    x = channels_last(torch.randn(4, 8, 6, 6, dtype=torch.float64, generator=generator))
-    grad = channels_last(torch.randn(4, 24, 6, 6, dtype=torch.float64, generator=generator))
+    x = channels_last(torch.randn(4, 8, 6, 6, dtype=torch.float64, generator=generator)).to(device)
+    grad = channels_last(torch.randn(4, 24, 6, 6, dtype=torch.float64, generator=generator)).to(device)
     e = step_results(exact, x, grad)
     mine, theirs = step_results(ours32, x.float(), grad.float()), step_results(naive32, x.float(), grad.float())
     for name in e:
@@ -118,13 +131,14 @@ def test_float32_within_twice_naive_error():
             assert rel_error(mine[name], e[name]) <= 2 * rel_error(theirs[name], e[name]) + 1e-6, name
 
 
-def test_bfloat16_autocast_within_twice_naive_error():
-    ours, naive = make_pair(4, 8, 4, dtype=torch.float32)
-    exact = make_pair(4, 8, 4)[1]
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_autocast_within_twice_naive_error(device):
+    ours, naive = (m.to(device) for m in make_pair(4, 8, 4, dtype=torch.float32))
+    exact = make_pair(4, 8, 4)[1].to(device)
     generator = torch.Generator().manual_seed(4)
-    x = channels_last(torch.randn(4, 8, 6, 6, generator=generator)).to(torch.bfloat16)
-    grad = channels_last(torch.randn(4, 24, 6, 6, generator=generator)).to(torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = channels_last(torch.randn(4, 8, 6, 6, generator=generator)).to(device, torch.bfloat16)
+    grad = channels_last(torch.randn(4, 24, 6, 6, generator=generator)).to(device, torch.bfloat16)
+    with torch.autocast(device, dtype=torch.bfloat16):
         mine, theirs = step_results(ours, x, grad), step_results(naive, x, grad)
     e = step_results(exact, x.double(), grad.double())
     assert is_channels_last(mine["output"]) and mine["output"].dtype == torch.bfloat16
@@ -163,22 +177,23 @@ def _fused_stages(spatial_dims):
     return _transition(spatial_dims), _stem(spatial_dims)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spatial_dims", [2, 3], ids=["2d", "3d"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_transition_and_stem_match_their_modules(spatial_dims, training):
+def test_transition_and_stem_match_their_modules(device, spatial_dims, training):
     from test_fused import _naive
 
-    transition, stem = (m.train(training) for m in _fused_stages(spatial_dims))
+    transition, stem = (m.train(training).to(device) for m in _fused_stages(spatial_dims))
     naive_transition, naive = _naive(transition), _naive(stem)
-    x = channels_last(torch.randn(3, 6, *[6] * spatial_dims, dtype=torch.float64))
-    grad = channels_last(torch.randn(3, 3, *[3] * spatial_dims, dtype=torch.float64))
+    x = channels_last(torch.randn(3, 6, *[6] * spatial_dims, dtype=torch.float64, device=device))
+    grad = channels_last(torch.randn(3, 3, *[3] * spatial_dims, dtype=torch.float64, device=device))
     mine = step_results(transition, x, grad)
-    assert is_channels_last(mine["output"]) and is_channels_last(mine["input.grad"])
+    assert in_the_computed_layout(mine["output"]) and in_the_computed_layout(mine["input.grad"])
     assert_results_close(mine, step_results(naive_transition, x, grad), FLOAT64_TOL)
-    image = channels_last(torch.randn(3, 2, *[9] * spatial_dims, dtype=torch.float64))
+    image = channels_last(torch.randn(3, 2, *[9] * spatial_dims, dtype=torch.float64, device=device))
     grad = channels_last(torch.randn_like(copy.deepcopy(naive)(image)))
     mine = step_results(stem, image, grad)
-    assert is_channels_last(mine["output"]) and is_channels_last(mine["input.grad"])
+    assert in_the_computed_layout(mine["output"]) and in_the_computed_layout(mine["input.grad"])
     assert_results_close(mine, step_results(naive, image, grad), FLOAT64_TOL)
 
 

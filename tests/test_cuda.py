@@ -209,13 +209,16 @@ def _requested_bytes(kind: str) -> int:
     return torch.cuda.memory_stats()[f"requested_bytes.all.{kind}"]
 
 
-def _peak_step_bytes(num_layers, recompute=False, drop_rate=0.0, channels_last=False, batch=16, size=32, c0=24,
+def _peak_step_bytes(num_layers, recompute=False, drop_rate=0.0, channels_last=None, batch=16, size=32, c0=24,
                      k=12):
+    """channels_last: None, "weights" (cuDNN would follow them) or "input"
+    (the block then computes channels last)."""
     block = make_pair(num_layers, c0, k, dtype=torch.float32, drop_rate=drop_rate, recompute_bottleneck=recompute)[0].cuda()
-    if channels_last:  # weights only: cuDNN would follow them
+    if channels_last == "weights":
         block.to(memory_format=torch.channels_last)
-    x = torch.randn(batch, c0, size, size, device="cuda")
-    grad = torch.randn(batch, c0 + num_layers * k, size, size, device="cuda")
+    layout = torch.channels_last if channels_last == "input" else torch.contiguous_format
+    x = torch.randn(batch, c0, size, size, device="cuda").contiguous(memory_format=layout)
+    grad = torch.randn(batch, c0 + num_layers * k, size, size, device="cuda").contiguous(memory_format=layout)
     block(x).backward(grad)  # warm-up: cuDNN algorithm choice, allocator
     for p in block.parameters():
         p.grad = None
@@ -230,8 +233,9 @@ def _peak_step_bytes(num_layers, recompute=False, drop_rate=0.0, channels_last=F
     return measured, model
 
 
-@pytest.mark.parametrize("options", [{}, {"recompute": True}, {"drop_rate": 0.2}, {"channels_last": True}],
-                         ids=["plain", "recompute", "dropout", "channels-last-weights"])
+@pytest.mark.parametrize("options", [{}, {"recompute": True}, {"drop_rate": 0.2}, {"channels_last": "weights"},
+                                     {"channels_last": "input"}],
+                         ids=["plain", "recompute", "dropout", "channels-last-weights", "channels-last-input"])
 def test_peak_memory_follows_the_model_and_is_linear(options):
     """The model counts every tensor; it leaves out cuDNN's workspace
     (measured here on the same convolutions) and small transients: the
@@ -566,10 +570,12 @@ def test_synchronize_batch_norm_uses_torch_sync_batch_norm_on_cuda(one_rank_worl
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3], ids=["2d", "3d"])
-def test_a_channels_last_model_matches_naive_and_computes_contiguous(spatial_dims):
-    """A channels-last model (and image) on CUDA: the efficient blocks,
-    transitions and stem compute in NCHW there (the CUDA kernels walk planes
-    only) and match naive mode, which follows the channels-last weights."""
+def test_a_channels_last_model_matches_naive_and_computes_channels_last(spatial_dims):
+    """A channels-last model (and image) on CUDA: the efficient blocks and
+    transitions compute channels last in 2-D (the CUDA kernels walk the
+    buffers' channel rows), contiguous in 3-D (CUDA's 3-D average pooling
+    has no channels_last_3d kernel), and match naive mode, which follows the
+    channels-last weights."""
     import copy
 
     torch.manual_seed(0)
@@ -579,10 +585,11 @@ def test_a_channels_last_model_matches_naive_and_computes_contiguous(spatial_dim
     memory_format = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
     for model in (ours, reference_model):
         model.to(memory_format=memory_format)
+    computed = memory_format if spatial_dims == 2 else torch.contiguous_format
     layouts = []
     for module in ours.features.children():
         if isinstance(module, (models.Transition, models.DenseBlock)):
-            module.register_forward_hook(lambda m, args, out: layouts.append(out.is_contiguous()))
+            module.register_forward_hook(lambda m, args, out: layouts.append(out.is_contiguous(memory_format=computed)))
     x = torch.randn(2, 3, *[32] * spatial_dims, dtype=torch.float64, device="cuda")
     x = x.contiguous(memory_format=memory_format)
     grad = torch.randn(2, 5, dtype=torch.float64, device="cuda")

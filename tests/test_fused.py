@@ -258,17 +258,14 @@ def test_3d_stretches_under_cpu_autocast_run_their_modules():
 @pytest.mark.parametrize("image_channels", [3, 1])
 @pytest.mark.parametrize("channels_last", ["weights", "input", "both"])
 def test_results_are_in_the_layouts_the_fake_kernels_say(device, image_channels, channels_last):
-    """On the CPU the transition computes in its input's memory format
-    whatever its weight's (a channels_last 1×1 weight's strides say
-    channels_last though its memory is contiguous); the stem in the one ATen's
-    convolution would give conv0's output: channels last when the image or
-    conv0's weight is (a one-channel image or conv0 weight is contiguous and
-    channels last at once: ATen takes it as contiguous, and so do we). On CUDA,
-    whose kernels walk planes only, both compute contiguous. The fake kernels
-    say the same. (float32 on CUDA: cuDNN never picks channels_last for
-    float64.)"""
+    """The transition computes in its input's memory format whatever its
+    weight's (a channels_last 1×1 weight's strides say channels_last though
+    its memory is contiguous); the stem in the one ATen's convolution would
+    give conv0's output: channels last when the image or conv0's weight is (a
+    one-channel image or conv0 weight is contiguous and channels last at once:
+    ATen takes it as contiguous, and so do we). The fake kernels say the same.
+    (float32 on CUDA: cuDNN never picks channels_last for float64.)"""
     on = dict(dtype=torch.float32 if device == "cuda" else torch.float64, device=device)
-    on_cpu = device == "cpu"
     channels_last_weights = channels_last in ("weights", "both")
     channels_last_input = channels_last in ("input", "both")
 
@@ -284,8 +281,7 @@ def test_results_are_in_the_layouts_the_fake_kernels_say(device, image_channels,
     torch.library.opcheck(ops.transition_forward.default, (x, weight, bias, [], 1e-5, conv))
     output, mean, var, _ = ops.transition_forward(x, weight, bias, [], 1e-5, conv)
     grads = ops.transition_backward(torch.randn_like(output), x, weight, bias, [], 1e-5, conv, mean, var)
-    transition_channels_last = channels_last_input and on_cpu
-    assert has_layout(output, transition_channels_last) and has_layout(grads[0], transition_channels_last)
+    assert has_layout(output, channels_last_input) and has_layout(grads[0], channels_last_input)
     assert all(g.is_contiguous() for g in grads[1:])
     torch.library.opcheck(ops.transition_backward.default,
                           (torch.randn_like(output), x, weight, bias, [], 1e-5, conv, mean, var))
@@ -295,7 +291,7 @@ def test_results_are_in_the_layouts_the_fake_kernels_say(device, image_channels,
     torch.library.opcheck(ops.stem_forward.default, (image, conv0, *stem_args))
     output, mean, var, _ = ops.stem_forward(image, conv0, *stem_args)
     grads = ops.stem_backward(torch.randn_like(output), image, conv0, *stem_args, mean, var, True)
-    stem_channels_last = image_channels > 1 and on_cpu
+    stem_channels_last = image_channels > 1
     assert has_layout(output, stem_channels_last) and has_layout(grads[0], stem_channels_last)
     assert all(g.is_contiguous() for g in grads[1:])
     torch.library.opcheck(ops.stem_backward.default,

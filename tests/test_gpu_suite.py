@@ -80,7 +80,7 @@ def test_a_rehearsal_runs_every_stage_into_few_shallow_files(rehearsal, gpu_suit
     assert pytest_summary["tests"] > 100 and pytest_summary["skipped"] == pytest_summary["tests"]
     assert "needs a CUDA GPU" in pytest_summary["skip_reasons"]
     assert stages["tests"]["steps"]["memcheck"]["status"] == "ok"
-    assert len(stages["kernels"]["rows"]) == 15 and all("ms" in row for row in stages["kernels"]["rows"])
+    assert len(stages["kernels"]["rows"]) == 30 and all("ms" in row for row in stages["kernels"]["rows"])
     assert [(r["mode"], r["precision"], r["result"]) for r in stages["models"]["rows"]] == [
         ("naive", "fp32", "ok"), ("efficient+recompute", "bf16", "ok")]
     assert set(stages["extras"]["steps"]) == {"racecheck", "torch_compile", "train"}

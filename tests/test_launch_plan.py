@@ -189,3 +189,62 @@ def test_plans_reject_empty_shapes():
         _C.plan_elementwise(0, 3, 4, 4, [], H100_MULTIPROCESSORS)
     with pytest.raises(ValueError, match="element size"):
         _C.plan_reduction(1, 3, 4, 3, [], H100_MULTIPROCESSORS)
+
+
+# --- kernels over channel rows ----------------------------------------------
+
+ROW_TILE_CHANNELS, ROW_TILE_ROWS = 32, THREADS // 32
+MAX_GRID_Y = 65535
+
+
+def walk_rows(rows, channels, plan, reduction):
+    """Every (row, channel) the row kernels visit, as their threads compute
+    them: elementwise, a grid-height stride over rows; reductions, each
+    block's chunk of rows."""
+    seen = []
+    for tile in range(plan["channel_tiles"]):
+        for block_row in range(plan["row_blocks"]):
+            for tx in range(ROW_TILE_CHANNELS):
+                c = tile * ROW_TILE_CHANNELS + tx
+                if c >= channels:
+                    continue
+                for ty in range(ROW_TILE_ROWS):
+                    if reduction:
+                        begin = block_row * plan["chunk"]
+                        end = min(rows, begin + plan["chunk"])
+                        assert begin < end, "a block without rows"
+                        seen += [(r, c) for r in range(begin + ty, end, ROW_TILE_ROWS)]
+                    else:
+                        step = plan["row_blocks"] * ROW_TILE_ROWS
+                        seen += [(r, c) for r in range(block_row * ROW_TILE_ROWS + ty, rows, step)]
+    return seen
+
+
+@pytest.mark.parametrize("reduction", [False, True], ids=["elementwise", "reduction"])
+@pytest.mark.parametrize("rows, channels", [(1, 1), (7, 33), (96, 5), (2 * 17 * 17, 64), (3 * 11, 100), (1000, 3)])
+def test_row_plans_cover_every_value_once(rows, channels, reduction):
+    plan = _C.plan_rows(rows, channels, reduction, 4)
+    assert sorted(walk_rows(rows, channels, plan, reduction)) == [(r, c) for r in range(rows) for c in range(channels)]
+
+
+def test_row_plans_fill_the_device_within_the_grid():
+    plan = _C.plan_rows(64 * 32 * 32, 24, False, H100_MULTIPROCESSORS)
+    assert plan["channel_tiles"] == 1 and plan["row_blocks"] == H100_MULTIPROCESSORS * 16
+    plan = _C.plan_rows(64 * 64 * 64, 24, True, H100_MULTIPROCESSORS)
+    assert plan["row_blocks"] == H100_MULTIPROCESSORS * 4
+    assert plan["chunk"] * plan["row_blocks"] >= 64 * 64 * 64 > plan["chunk"] * (plan["row_blocks"] - 1)
+    # Chunks of no fewer than 128 rows.
+    assert _C.plan_rows(64 * 32 * 32, 24, True, H100_MULTIPROCESSORS)["chunk"] == 128
+    # A few rows: one chunk, not blocks of a handful of rows each.
+    assert _C.plan_rows(100, 24, True, H100_MULTIPROCESSORS)["row_blocks"] == 1
+    # Wide channels fill the device with tiles alone.
+    assert _C.plan_rows(10**6, 32 * 10**4, True, H100_MULTIPROCESSORS)["row_blocks"] == 1
+    # Very many rows stay within gridDim.y.
+    for reduction in (False, True):
+        assert _C.plan_rows(2**40, 1, reduction, 10**6)["row_blocks"] <= MAX_GRID_Y
+
+
+def test_row_plans_refuse_bad_shapes():
+    for args in [(0, 4, True, 4), (4, 0, False, 4), (4, 4, True, 0), (4, 2**31 * 32, True, 4)]:
+        with pytest.raises(ValueError):
+            _C.plan_rows(*args)

@@ -88,7 +88,7 @@ def test_statistics_destinations_of_another_dtype_or_layout(device):
     assert torch.equal(wide[0, ::2], mean.double()) and torch.equal(wide[1, ::2], var.double())
     destination = torch.empty(3, 5, 4, 6, device=device).to(memory_format=torch.channels_last)
     ops.copy_with_stats(x, destination, wide[0, :5], wide[1, :5])
-    # On the CPU a channels-last destination is walked by rows: the same sums in another order.
+    # A channels-last destination is walked by rows: the same sums in another order.
     assert torch.equal(destination, x) and rel_error(wide[1, :5], var.double()) <= 1e-6
 
 
@@ -499,15 +499,41 @@ def test_channel_rows_low_precision_equal_the_planes(device, dtype):
     assert rel_error(ours[0], planes[1]) <= 1e-5 and rel_error(ours[1], planes[2]) <= 1e-5
 
 
-def test_channel_rows_are_walked_in_place():
-    """A channels-last input and destination: no copy into planes (on the
-    CPU), the whole point of walking rows."""
-    x = row_slice("2d", dtype=torch.float32)
-    weight, bias = bn_vectors(5, dtype=torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_channel_rows_of_many_channels_and_rows_equal_the_planes(device, dtype):
+    """37 channels of a 45-channel channels-last buffer, 2·16·16 rows: on
+    CUDA several tiles of 32 channels (the last one partial) and several
+    chunks of rows per channel, which smaller cases never reach."""
+    x = channels_last_buffer(2, 45, (16, 16), dtype, device)[:, 3:40]
+    grad = channels_last_buffer(2, 45, (16, 16), dtype, device, seed=1)[:, 3:40]
+    weight, bias = bn_vectors(37, dtype=math_dtype(dtype), device=device)
+    mean, var = ops.channel_stats(x)
+    plane_mean, plane_var = ops.channel_stats(x.contiguous())
+    close = 1e-13 if dtype == torch.float64 else 1e-5
+    assert rel_error(mean, plane_mean) <= close and rel_error(var, plane_var) <= close
+    wide = channels_last_buffer(2, 45, (16, 16), dtype, device).fill_(float("nan"))
+    ops.bn_relu_out(x, plane_mean, plane_var, weight, bias, 1e-5, wide[:, 3:40])
+    assert torch.equal(wide[:, 3:40], ops.bn_relu(x.contiguous(), plane_mean, plane_var, weight, bias, 1e-5))
+    assert wide[:, :3].isnan().all() and wide[:, 40:].isnan().all()
+    total = torch.zeros_like(x)
+    ours = ops.bn_relu_backward_accumulate(grad, x, plane_mean, plane_var, weight, bias, 1e-5, True, total)
+    planes = ops.bn_relu_backward(grad.contiguous(), x.contiguous(), plane_mean, plane_var, weight, bias, 1e-5, True)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    assert rel_error(total, planes[0]) <= tolerance
+    assert rel_error(ours[0], planes[1]) <= close and rel_error(ours[1], planes[2]) <= close
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_rows_are_walked_in_place(device):
+    """A channels-last input and destination: no copy into planes, the whole
+    point of walking rows."""
+    x = row_slice("2d", dtype=torch.float32, device=device)
+    weight, bias = bn_vectors(5, dtype=torch.float32, device=device)
     mean, var = ops.channel_stats(x)
     wide, out = nan_row_slice(x)
-    grad = row_slice("2d", dtype=torch.float32, seed=1)
-    total, stats = torch.zeros_like(x), torch.empty(2, 5)
+    grad = row_slice("2d", dtype=torch.float32, device=device, seed=1)
+    total, stats = torch.zeros_like(x), torch.empty(2, 5, device=device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         ops.channel_stats(x)
         ops.copy_with_stats(x, out, stats[0], stats[1])
@@ -697,13 +723,12 @@ def test_opcheck_dense_block_backward(training, bn_size, whole_channels):
 @pytest.mark.parametrize("bn_size", [2, 0], ids=["bottleneck", "plain"])
 @pytest.mark.parametrize("channels_last", ["input", "weights"])
 def test_a_channels_last_block_gives_what_its_fake_kernel_says(device, bn_size, channels_last):
-    """On the CPU a channels-last input makes the block compute channels last
-    (its buffer the output, the bottlenecks, the dropout masks, the input's
-    gradient); on CUDA, whose kernels walk planes only, blocks compute
-    contiguous. Channels-last weights alone do not decide (cuDNN and oneDNN
-    would follow them: the block gives its convolutions contiguous weights).
-    The fake kernels say the same. float32 on CUDA, where cuDNN computes
-    float64 in NCHW whatever its input."""
+    """A channels-last input makes the block compute channels last (its
+    buffer the output, the bottlenecks, the dropout masks, the input's
+    gradient); channels-last weights alone do not (cuDNN and oneDNN would
+    follow them: the block gives its convolutions contiguous weights). The
+    fake kernels say the same. float32 on CUDA, where cuDNN computes float64
+    in NCHW whatever its input."""
     dtype = torch.float32 if device == "cuda" else torch.float64
     block, _ = make_pair(3, 4, 3, bn_size=bn_size, drop_rate=0.3, dtype=dtype)
     block.to(device=device)
@@ -718,8 +743,7 @@ def test_a_channels_last_block_gives_what_its_fake_kernel_says(device, bn_size, 
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     with torch.no_grad():
         results = dict(zip(result_names(forward), forward(*positional(forward, args))))
-    computes_channels_last = channels_last == "input" and device == "cpu"
-    layout = torch.channels_last if computes_channels_last else torch.contiguous_format
+    layout = torch.channels_last if channels_last == "input" else torch.contiguous_format
     maps = [results["output"], *results["bottlenecks"], *results["dropout_masks"]]
     assert results["dropout_masks"] and all(t.is_contiguous(memory_format=layout) for t in maps)
     backward_args = {**{n: [t.detach() for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
