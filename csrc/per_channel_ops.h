@@ -321,7 +321,10 @@ struct PerChannelOps {
     check_bn_relu_args(op, input_, mean, var, weight, bias, eps);
     check_like_input(op, "grad_output", input_, grad_output);
     const c10::DeviceGuard guard(input_.device());
-    auto [grad_weight, grad_bias] = math_vectors(input_);
+    // Named tensors, not structured bindings: the lambdas below capture them,
+    // which C++17 does not allow of bindings (nvcc warns).
+    at::Tensor grad_weight, grad_bias;
+    std::tie(grad_weight, grad_bias) = math_vectors(input_);
     if (input_.numel() == 0) {
       grad_weight.zero_();
       grad_bias.zero_();
