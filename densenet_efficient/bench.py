@@ -9,8 +9,8 @@ configuration: memory (CUDA: ``max_memory_allocated`` over the timed steps;
 CPU: bytes saved for backward, eager models only), the step peak (what a
 step allocates above what stays resident between steps: CUDA from the
 allocator's statistics, CPU from the resident-set high-water mark of a step
-in a run of its own, with glibc handing large blocks back, while the times
-come from a run under glibc's usual rules), the analytic prediction (CUDA:
+taken first, with glibc handing large blocks back, while the times come from
+the steps after it, under glibc's usual rules), the analytic prediction (CUDA:
 ``estimate_training_step``; CPU: ``model_saved_bytes``, exact, without
 autocast), the median and spread of the training-step time (forward +
 backward + SGD, after warm-up, synchronized; p10-p90 from 10 steps on, else
@@ -27,6 +27,7 @@ DenseNet121 on single-channel volumes (32³ on CPU, 96³ on a GPU), batch 2.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import importlib.util
 import json
@@ -59,6 +60,25 @@ def _reset_peak_rss() -> None:
     current resident set (Linux: proc(5), /proc/pid/clear_refs)."""
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
+
+
+# CPU workers start with glibc serving every block of 128 KiB or more with
+# mmap and handing it back to the system when it is freed, so that the
+# resident set follows the live tensors while the memory is measured. That
+# costs an mmap per large allocation, which slows steps (densenet121 at 128²,
+# batch 8: naive 2×, efficient less), so the timed steps come after
+# _usual_malloc.
+LARGE_BLOCKS_HANDED_BACK = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def _usual_malloc() -> None:
+    """glibc's thresholds where its own rules settle on a 64-bit machine once
+    large blocks have been freed: blocks from 32 MiB mmapped, the heap
+    trimmed above 64 MiB free."""
+    libc = ctypes.CDLL(None)
+    if libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20) != 1:
+        raise RuntimeError("mallopt failed: CPU workers need glibc")
 
 
 def measure(config: dict) -> dict:
@@ -114,21 +134,27 @@ def measure(config: dict) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
 
-    # On the CPU the memory comes from a run of its own (run_in_subprocess).
-    # Saved-tensor hooks see what eager autograd keeps, not what a compiled graph keeps.
-    memory_run = config.get("run") == "memory"
-    count_saved = memory_run and not variant.compiled
     try:
-        for warmup in range(max(config["warmup"], 1 if count_saved else 0)):
-            step(count_saved=count_saved and warmup == 0)
+        if not cuda:
+            # The memory first (glibc handing large blocks back): a step in
+            # which saved-tensor hooks count what eager autograd keeps (not
+            # what a compiled graph keeps), then one whose resident-set peak
+            # is measured.
+            step(count_saved=not variant.compiled)
+            gc.collect()
+            _reset_peak_rss()
+            resident = _process_memory("VmRSS")
+            step()
+            cpu_memory = {"memory_bytes": saved[0] if saved else None, "memory_kind": "saved for backward (CPU)",
+                          "step_peak_bytes": _process_memory("VmHWM") - resident}
+            _usual_malloc()
+        for _ in range(config["warmup"]):
+            step()
         synchronize()
         gc.collect()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
             resident = torch.cuda.memory_allocated(device)
-        elif memory_run:
-            _reset_peak_rss()
-            resident = _process_memory("VmRSS")
         times = []
         for _ in range(config["steps"]):
             start = time.perf_counter()
@@ -137,9 +163,6 @@ def measure(config: dict) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
     except torch.cuda.OutOfMemoryError:
         return {"result": "OOM"}
-    if memory_run:
-        return {"result": "ok", "memory_bytes": saved[0] if saved else None, "memory_kind": "saved for backward (CPU)",
-                "step_peak_bytes": _process_memory("VmHWM") - resident}
     ordered = sorted(times)
     percentiles = len(times) >= PERCENTILE_STEPS
     result = {
@@ -155,28 +178,16 @@ def measure(config: dict) -> dict:
         result["memory_bytes"] = torch.cuda.max_memory_allocated(device)
         result["memory_kind"] = "peak allocated (CUDA)"
         result["step_peak_bytes"] = result["memory_bytes"] - resident
+    else:
+        result.update(cpu_memory)
     return result
 
 
 def run_in_subprocess(config: dict, timeout: float) -> dict:
-    """One configuration in fresh processes: on a GPU one; on the CPU a timed
-    run, then a memory run (bytes saved for backward, and one step's
-    resident-set peak) in which glibc hands every block of 128 KiB or more
-    back to the system when it is freed, so that the resident set follows the
-    live tensors. That costs an mmap per large allocation, which slowed the
-    timed steps (densenet121 at 128², batch 8: naive 2×, efficient less): the
-    times come from a run under glibc's usual rules."""
-    result = _worker(config, timeout, dict(os.environ))
-    if config["device"] != "cpu" or result.get("result") != "ok":
-        return result
-    memory = _worker(dict(config, run="memory", steps=1), timeout, dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"))
-    if memory.get("result") != "ok":
-        return memory
-    return {**result, **{key: memory[key] for key in ("memory_bytes", "memory_kind", "step_peak_bytes")}}
-
-
-def _worker(config: dict, timeout: float, env: dict) -> dict:
+    """One configuration in a fresh process; on the CPU one that starts with
+    glibc handing large blocks back (measure takes the memory first)."""
     command = [sys.executable, "-m", "densenet_efficient", "bench", "--worker", json.dumps(config)]
+    env = dict(os.environ, **LARGE_BLOCKS_HANDED_BACK) if config["device"] == "cpu" else None
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -331,6 +342,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                                     "spatial_dims": args.spatial_dims, "in_channels": args.in_channels,
                                     "device": device, "steps": steps, "warmup": warmup, **variant})
     for extra in defaults["extra"] if not args.models else []:
+        if args.modes and "modes" in extra and extra["model"] in names:
+            continue  # a row of more modes for a model the sweep runs: --modes said which
         if extra.get("needs") and importlib.util.find_spec(extra["needs"]) is None:
             print(f"no {extra['model']} row: {extra['needs']} is not installed", file=sys.stderr)
             continue

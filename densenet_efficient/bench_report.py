@@ -128,7 +128,9 @@ def plot(rows: list[dict], env: dict, out: Path) -> list[Path]:
                     template = points[0]["model"]
                     family = re.sub(r"-\d+-", "-{}-", template)
                     first, last = min(xs), max(xs)
-                    depths = list(range(first, last + 1, 6 if "bc" in family else 3))
+                    # About a dozen depths trace the curve (each is a model built and counted).
+                    unit = 6 if "bc" in family else 3
+                    depths = list(range(first, last + 1, unit * max(1, (last - first) // (12 * unit))))
                     predicted = []
                     for depth in depths:
                         import torch
