@@ -12,6 +12,8 @@ import densenet_efficient as de
 from densenet_efficient.reference import ReferenceDenseBlock
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# A test's "device" parameter: the CPU, and CUDA where a GPU is (marked cuda: the GPU check runs those).
+DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
 
 
 @pytest.fixture

@@ -13,14 +13,13 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_results_close, make_pair, randomize_norms, rel_error, requires_cuda, step_results
+from conftest import DEVICES, assert_results_close, make_pair, randomize_norms, rel_error, step_results
 from densenet_efficient.allocations import allocation_peak
 from densenet_efficient.memory import dense_block_saved_bytes, saved_tensor_bytes
 
 FLOAT64_TOL = 1e-10
 FORMATS = {2: torch.channels_last, 3: torch.channels_last_3d}
 SPATIAL = {2: (5, 6), 3: (3, 4, 3)}
-DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_results_close, randomize_norms, requires_cuda, step_results
+from conftest import DEVICES, assert_results_close, randomize_norms, step_results
 from densenet_efficient import models
 from densenet_efficient._ops import ops
 from densenet_efficient.fused import stem_fusable, transition_fusable
@@ -18,7 +18,6 @@ from densenet_efficient.memory import saved_tensor_bytes
 from densenet_efficient.reference import BATCH_NORM, CONV
 
 FLOAT64_TOL = 1e-10
-DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
 SPATIAL = [pytest.param((7, 5), id="2d-odd"), pytest.param((4, 6, 5), id="3d"), pytest.param((9,), id="1d"),
            pytest.param((2, 2), id="2d-one-pooled-pixel")]
 MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
@@ -254,7 +253,7 @@ def test_3d_stretches_under_cpu_autocast_run_their_modules():
         assert torch.equal(stem(image), _naive(stem)(image))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("image_channels", [3, 1])
 @pytest.mark.parametrize("channels_last", ["weights", "input", "both"])
 def test_results_are_in_the_layouts_the_fake_kernels_say(device, image_channels, channels_last):

@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import block_forward_arguments, make_pair, opcheck_block_backward, positional, rel_error, requires_cuda
+from conftest import DEVICES, block_forward_arguments, make_pair, opcheck_block_backward, positional, rel_error
 from densenet_efficient import reference
 from densenet_efficient._ops import argument_names, math_dtype, ops, result_names
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[requires_cuda, pytest.mark.cuda])]
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
 
