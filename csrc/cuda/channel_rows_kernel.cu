@@ -8,7 +8,6 @@
 #include <ATen/ops/empty.h>
 
 #include <cstdint>
-#include <type_traits>
 #include <utility>
 
 namespace densenet_efficient::gpu {
@@ -32,11 +31,7 @@ struct Rows {
 template <typename T>
 Rows<T> rows_of(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(has_channel_rows(t));
-  if constexpr (std::is_const_v<T>) {  // no copy-on-write materialisation for what is only read
-    return {static_cast<T*>(t.const_data_ptr()), row_stride(t)};
-  } else {
-    return {static_cast<T*>(t.mutable_data_ptr()), row_stride(t)};
-  }
+  return {data_of<T>(t), row_stride(t)};
 }
 
 int64_t row_count(const at::Tensor& t) {

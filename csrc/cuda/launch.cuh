@@ -57,14 +57,21 @@ struct Planes {
   }
 };
 
+// `t`'s data as T*: through const_data_ptr for a const T (no copy-on-write
+// materialisation for what is only read).
+template <typename T>
+T* data_of(const at::Tensor& t) {
+  if constexpr (std::is_const_v<T>) {
+    return static_cast<T*>(t.const_data_ptr());
+  } else {
+    return static_cast<T*>(t.mutable_data_ptr());
+  }
+}
+
 template <typename T>
 Planes<T> planes_of(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(has_contiguous_planes(t));
-  if constexpr (std::is_const_v<T>) {  // no copy-on-write materialisation for what is only read
-    return {static_cast<T*>(t.const_data_ptr()), t.stride(0), t.stride(1)};
-  } else {
-    return {static_cast<T*>(t.mutable_data_ptr()), t.stride(0), t.stride(1)};
-  }
+  return {data_of<T>(t), t.stride(0), t.stride(1)};
 }
 
 template <typename scalar_t, int VEC>
