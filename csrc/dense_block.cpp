@@ -76,6 +76,25 @@ Tensor contiguous_operand(const Tensor& t) {
   return t.as_strided(t.sizes(), c10::contiguous_strides(t.sizes()), t.storage_offset());
 }
 
+Tensor weight_operand(const Tensor& weight, at::MemoryFormat format) {
+  return format == at::MemoryFormat::Contiguous ? contiguous_operand(weight) : weight.contiguous(format);
+}
+
+Tensor laid_out_like(const Tensor& grad, const Tensor& weight) {
+  TORCH_INTERNAL_ASSERT(grad.sizes() == weight.sizes());
+  if (!weight.is_non_overlapping_and_dense()) {  // empty_like's rule: then contiguous
+    return grad.contiguous();
+  }
+  bool same_layout = true;
+  for (int64_t d = 0; d < grad.dim(); ++d) {
+    same_layout = same_layout && (grad.size(d) == 1 || grad.stride(d) == weight.stride(d));
+  }
+  if (same_layout) {
+    return grad.as_strided(weight.sizes(), weight.strides(), grad.storage_offset());
+  }
+  return at::empty_like(weight, grad.options()).copy_(grad);
+}
+
 at::MemoryFormat block_memory_format(const Tensor& input) {
   if ((input.dim() != 4 && input.dim() != 5) || (input.dim() == 5 && !input.is_cpu())) {
     return at::MemoryFormat::Contiguous;
@@ -122,7 +141,8 @@ std::vector<int64_t> per_spatial_dim(const Tensor& input, int64_t value) {
 // around it (one more dispatcher call each).
 Tensor convolution(const Tensor& input, const Tensor& weight, int64_t padding) {
   return at::convolution(
-      input, contiguous_operand(weight), /*bias=*/std::nullopt, /*stride=*/per_spatial_dim(input, 1),
+      input, weight_operand(weight, input.suggest_memory_format()), /*bias=*/std::nullopt,
+      /*stride=*/per_spatial_dim(input, 1),
       /*padding=*/per_spatial_dim(input, padding), /*dilation=*/per_spatial_dim(input, 1),
       /*transposed=*/false, /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1);
 }
@@ -193,7 +213,7 @@ Tensor conv1x1_weight_grad(const Tensor& grad_output, const Tensor& input, const
   } else {
     grad = at::mm(channel_major(grad_output), channel_major(input).t());
   }
-  return grad.view(weight.sizes());
+  return laid_out_like(grad.view(weight.sizes()), weight);
 }
 } // namespace
 
@@ -226,7 +246,7 @@ std::tuple<Tensor, Tensor> conv1x1_backward_over_input(
   if (!input.is_contiguous()) {  // channels last: dW = dyᵀ · x and dx = dy · W, one GEMM each
     const auto grad_output_rows = rows_matrix(in_walk(grad_output, Walk::rows));
     auto input_rows = rows_matrix(input);
-    auto grad_weight = at::mm(grad_output_rows.t(), input_rows).view(weight.sizes());
+    auto grad_weight = laid_out_like(at::mm(grad_output_rows.t(), input_rows).view(weight.sizes()), weight);
     at::mm_out(input_rows, grad_output_rows, weight_matrix(weight));  // the spent input takes dx
     return {input, grad_weight};
   }
@@ -248,14 +268,15 @@ std::tuple<Tensor, Tensor> conv_backward(
     const Tensor& weight,
     int64_t padding) {
   auto [grad_input, grad_weight, unused_grad_bias] = at::convolution_backward(
-      grad_output, input, contiguous_operand(weight), /*bias_sizes=*/std::nullopt,
+      grad_output, input, weight_operand(weight, input.suggest_memory_format()), /*bias_sizes=*/std::nullopt,
       /*stride=*/per_spatial_dim(input, 1), /*padding=*/per_spatial_dim(input, padding),
       /*dilation=*/per_spatial_dim(input, 1), /*transposed=*/false,
       /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1,
       /*output_mask=*/{true, true, false});
-  // The weight's gradient contiguous, as the fake kernels promise and compiled
-  // graphs trust; the input's (used only inside the operators) as ATen gives it.
-  return {grad_input, grad_weight.contiguous()};
+  // The weight's gradient laid out as the weight, as the fake kernels promise
+  // and compiled graphs trust; the input's (used only inside the operators)
+  // as ATen gives it.
+  return {grad_input, laid_out_like(grad_weight, weight)};
 }
 
 // at::native_dropout draws its mask exactly as at::dropout (F.dropout) does on

@@ -178,6 +178,18 @@ int64_t values_per_channel(const Tensor& t);
 // layout the kernels, the fake kernels and the memory model assume.
 Tensor contiguous_operand(const Tensor& t);
 
+// A convolution's weight in the memory format its input computes in: ATen's
+// CPU and cuDNN convolutions take both operands in one layout and copy a
+// weight in the other on every call (a channels-last model's 3×3 weights,
+// seven copies per layer a step). contiguous_operand for a contiguous input;
+// a copy only where the layouts differ.
+Tensor weight_operand(const Tensor& weight, at::MemoryFormat format);
+
+// A weight's gradient with the weight's own strides, as the fake kernels say:
+// AccumulateGrad would copy one laid out otherwise into them. A view when
+// only size-1 dimensions' strides differ (1×1 kernels).
+Tensor laid_out_like(const Tensor& grad, const Tensor& weight);
+
 // Bias-free, stride-1 convolutions of the input's spatial rank (1-D, 2-D or
 // 3-D): 1×1 (no padding), its output in the input's memory format, and 3×3
 // (padding 1), its output as ATen gives it (a naive layer's dropout draws on

@@ -328,12 +328,12 @@ at::MemoryFormat stem_memory_format(const Tensor& image, const Tensor& weight) {
   return format != at::MemoryFormat::Contiguous ? format : block_memory_format(weight);
 }
 
-// conv0 on the image in the stem's memory format and a contiguous weight: a
-// channels-last weight would decide the output's layout, and copying the
-// image (a few channels) is cheaper than copying conv0's output.
+// conv0 on the image and its weight in the stem's memory format: a
+// channels-last weight would otherwise decide the output's layout, and
+// copying the image (a few channels) is cheaper than copying conv0's output.
 Tensor stem_conv(const Tensor& image, const Tensor& weight, const StemConv& c, at::MemoryFormat format) {
   return at::convolution(
-             image.contiguous(format), contiguous_operand(weight), std::nullopt, c.stride, c.padding, c.dilation,
+             image.contiguous(format), weight_operand(weight, format), std::nullopt, c.stride, c.padding, c.dilation,
              false, c.output_padding, 1)
       .contiguous(format);
 }
@@ -437,11 +437,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_backward(
   }  // conv0's output, made again, is no longer needed: only the image is
   // The operands as in forward; the gradients in their layouts, as the fake kernel says.
   auto [grad_image, grad_conv_weight, unused_grad_bias] = at::convolution_backward(
-      grad_input, image.contiguous(format), contiguous_operand(conv_weight), std::nullopt, conv.stride, conv.padding,
+      grad_input, image.contiguous(format), weight_operand(conv_weight, format), std::nullopt, conv.stride, conv.padding,
       conv.dilation, false, conv.output_padding, 1, {image_grad, true, false});
   // Not asked for: an empty tensor (a schema's Tensor is never undefined).
   grad_image = grad_image.defined() ? grad_image.contiguous(format) : at::empty({0}, image.options());
-  return {grad_image, grad_conv_weight.contiguous(), grad_weight, grad_bias};
+  return {grad_image, laid_out_like(grad_conv_weight, conv_weight), grad_weight, grad_bias};
 }
 
 } // namespace

@@ -285,7 +285,7 @@ def _(*args, **kwargs):
     memory_format = block_memory_format(output)  # the forward's: its output is in it
     grads = {"grad_input": _maps(output, (batch, in_channels, *spatial), memory_format)}
     for name in _BACKWARD_RESULTS[1:]:
-        grads[name] = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in a[name[len(_GRAD_PREFIX):]]]
+        grads[name] = [torch.empty_like(t) for t in a[name[len(_GRAD_PREFIX):]]]  # laid out as the parameters
     return tuple(grads[name] for name in _BACKWARD_RESULTS)
 
 
@@ -397,7 +397,7 @@ def _(grad_output, input, weight, bias, running_stats, eps, conv_weight, batch_m
         torch.empty_like(input, memory_format=block_memory_format(input)),
         torch.empty_like(weight),
         torch.empty_like(bias),
-        torch.empty_like(conv_weight, memory_format=torch.contiguous_format),
+        torch.empty_like(conv_weight),
     )
 
 
@@ -426,7 +426,7 @@ def _(grad_output, input, conv_weight, conv_stride, conv_padding, weight, bias, 
       stride, padding, batch_mean, batch_var, image_grad):
     grad_input = (torch.empty_like(input, memory_format=_stem_memory_format(input, conv_weight)) if image_grad
                   else input.new_empty((0,)))
-    return (grad_input, torch.empty_like(conv_weight, memory_format=torch.contiguous_format), torch.empty_like(weight),
+    return (grad_input, torch.empty_like(conv_weight), torch.empty_like(weight),
             torch.empty_like(bias))
 
 

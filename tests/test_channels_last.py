@@ -244,6 +244,30 @@ def test_a_channels_last_model_computes_channels_last_and_matches_naive(build, s
     assert layouts and all(layouts), layouts
 
 
+def _weight_copies(model, x) -> int:
+    """How many copies of its k×k convolution weights (k > 1) a training
+    step of `model` makes."""
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() > 2 and p.shape[-1] > 1}
+    model(x).sum().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
+        model(x).sum().backward()
+    return sum(e.name == "aten::copy_" and bool(e.input_shapes) and tuple(e.input_shapes[0]) in shapes
+               for e in profile.events())
+
+
+@pytest.mark.parametrize("build, shape", _small_models())
+def test_a_channels_last_model_copies_its_weights_no_more_than_naive(build, shape):
+    """The convolutions get a channels-last model's weights as they are, and
+    weight gradients come back in their layout: the copies left are ATen's
+    own, as many as in the naive model (they were seven per layer)."""
+    torch.manual_seed(0)
+    ours = build().to(memory_format=FORMATS[len(shape) - 2])
+    reference = copy.deepcopy(ours)
+    reference.mode = "naive"
+    x = torch.randn(shape)
+    assert _weight_copies(ours, x) <= _weight_copies(reference, x)
+
+
 @pytest.mark.parametrize("build, shape", _small_models())
 @pytest.mark.parametrize("recompute", [False, True], ids=["efficient", "efficient-recompute"])
 def test_whole_model_saved_bytes_equal_nchw_and_the_model(build, shape, recompute):

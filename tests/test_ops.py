@@ -725,9 +725,11 @@ def test_a_channels_last_block_gives_what_its_fake_kernel_says(device, bn_size, 
     """A channels-last input makes the block compute channels last (its
     buffer the output, the bottlenecks, the dropout masks, the input's
     gradient); channels-last weights alone do not (cuDNN and oneDNN would
-    follow them: the block gives its convolutions contiguous weights). The
-    fake kernels say the same. float32 on CUDA, where cuDNN computes float64
-    in NCHW whatever its input."""
+    follow them: the block gives its convolutions weights in its input's
+    layout). Weight gradients come back with their weights' strides, which
+    AccumulateGrad would otherwise copy them into. The fake kernels say the
+    same. float32 on CUDA, where cuDNN computes float64 in NCHW whatever its
+    input."""
     dtype = torch.float32 if device == "cuda" else torch.float64
     block, _ = make_pair(3, 4, 3, bn_size=bn_size, drop_rate=0.3, dtype=dtype)
     block.to(device=device)
@@ -750,7 +752,8 @@ def test_a_channels_last_block_gives_what_its_fake_kernel_says(device, bn_size, 
                      **results, "grad_output": torch.randn_like(results["output"])}
     grad_input, *parameter_grads = backward(*positional(backward, backward_args))
     assert grad_input.is_contiguous(memory_format=layout)
-    assert all(t.is_contiguous() for g in parameter_grads for t in g)
+    for name, grads in zip(result_names(backward)[1:], parameter_grads):
+        assert [g.stride() for g in grads] == [p.stride() for p in backward_args[name.removeprefix("grad_")]], name
 
 
 def test_channel_dropout_draws_what_feature_dropout_draws():
