@@ -53,7 +53,7 @@ Planes<scalar_t> write_planes(const at::Tensor& t) {
 
 
 template <typename scalar_t, typename math_t>
-double plane_sum(const scalar_t* x_, int64_t n) {
+DENSENET_VECTORIZED double plane_sum(const scalar_t* x_, int64_t n) {
   using E = Element<scalar_t>;
   const auto* x = raw(x_);
   double total = 0;
@@ -71,7 +71,7 @@ double plane_sum(const scalar_t* x_, int64_t n) {
 
 // Copies a plane and returns the sum of what it copied.
 template <typename scalar_t, typename math_t>
-double plane_copy_sum(const scalar_t* x_, scalar_t* out_, int64_t n) {
+DENSENET_VECTORIZED double plane_copy_sum(const scalar_t* x_, scalar_t* out_, int64_t n) {
   using E = Element<scalar_t>;
   const auto* x = raw(x_);
   auto* out = raw(out_);
@@ -90,7 +90,7 @@ double plane_copy_sum(const scalar_t* x_, scalar_t* out_, int64_t n) {
 }
 
 template <typename scalar_t, typename math_t>
-double plane_squared_deviations(const scalar_t* x_, int64_t n, math_t mean) {
+DENSENET_VECTORIZED double plane_squared_deviations(const scalar_t* x_, int64_t n, math_t mean) {
   using E = Element<scalar_t>;
   const auto* x = raw(x_);
   double total = 0;
@@ -109,7 +109,7 @@ double plane_squared_deviations(const scalar_t* x_, int64_t n, math_t mean) {
 
 // relu(x * scale + shift); NaN stays NaN, as torch.relu.
 template <typename scalar_t, typename math_t>
-void plane_bn_relu(
+DENSENET_VECTORIZED void plane_bn_relu(
     const scalar_t* x_,
     scalar_t* out_,
     int64_t n,
@@ -126,7 +126,7 @@ void plane_bn_relu(
 }
 
 template <typename scalar_t, typename math_t>
-void plane_grad_sums(
+DENSENET_VECTORIZED void plane_grad_sums(
     const scalar_t* grad_out_,
     const scalar_t* x_,
     int64_t n,
@@ -161,7 +161,7 @@ void plane_grad_sums(
 
 // grad_in (+)= scale * (g - mean_g - (x - mean) * centered_coef)
 template <bool accumulate, typename scalar_t, typename math_t>
-void plane_grad_input(
+DENSENET_VECTORIZED void plane_grad_input(
     const scalar_t* grad_out_,
     const scalar_t* x_,
     scalar_t* grad_in_,

@@ -20,14 +20,20 @@ struct Rows {
   }
 };
 
+// The rows of a scalar_t tensor as its raw elements.
 template <typename scalar_t>
-Rows<const typename Element<scalar_t>::raw_t> read_rows(const at::Tensor& t) {
+using ReadRows = Rows<const typename Element<scalar_t>::raw_t>;
+template <typename scalar_t>
+using WriteRows = Rows<typename Element<scalar_t>::raw_t>;
+
+template <typename scalar_t>
+ReadRows<scalar_t> read_rows(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(has_channel_rows(t));
   return {raw(t.const_data_ptr<scalar_t>()), row_stride(t)};
 }
 
 template <typename scalar_t>
-Rows<typename Element<scalar_t>::raw_t> write_rows(const at::Tensor& t) {
+WriteRows<scalar_t> write_rows(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(has_channel_rows(t));
   return {raw(t.mutable_data_ptr<scalar_t>()), row_stride(t)};
 }
@@ -80,30 +86,153 @@ struct ChannelAffine {
   }
 };
 
+// The loops over a range of rows [begin, end), each row's channels one
+// vectorised run, built for every x86-64 level (DENSENET_VECTORIZED).
+
+// sum[c] += x[r][c], copying each row to `out` when it has data.
+template <typename scalar_t, typename math_t>
+DENSENET_VECTORIZED void rows_sum(
+    ReadRows<scalar_t> x,
+    WriteRows<scalar_t> out,
+    int64_t begin,
+    int64_t end,
+    int64_t channels,
+    math_t* sum) {
+  using E = Element<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* xr = x.row(r);
+    if (out.data != nullptr) {
+      auto* o = out.row(r);
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        o[c] = xr[c];
+        sum[c] += E::load(xr[c]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        sum[c] += E::load(xr[c]);
+      }
+    }
+  }
+}
+
+// sum[c] += (x[r][c] − mean[c])².
+template <typename scalar_t, typename math_t>
+DENSENET_VECTORIZED void rows_squared_deviations(
+    ReadRows<scalar_t> x,
+    int64_t begin,
+    int64_t end,
+    int64_t channels,
+    const math_t* mean,
+    math_t* sum) {
+  using E = Element<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* xr = x.row(r);
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const math_t d = E::load(xr[c]) - mean[c];
+      sum[c] += d * d;
+    }
+  }
+}
+
+// sum_g[c] += g and sum_g_centered[c] += g·(x − μ), g the gradient through
+// the ReLU gate.
+template <typename scalar_t, typename math_t>
+DENSENET_VECTORIZED void rows_grad_sums(
+    ReadRows<scalar_t> dy,
+    ReadRows<scalar_t> x,
+    int64_t begin,
+    int64_t end,
+    int64_t channels,
+    const math_t* scale,
+    const math_t* shift,
+    const math_t* mean,
+    math_t* sum_g,
+    math_t* sum_g_centered) {
+  using E = Element<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* xr = x.row(r);
+    const auto* dyr = dy.row(r);
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const math_t v = E::load(xr[c]);
+      const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
+      sum_g[c] += g;
+      sum_g_centered[c] += g * (v - mean[c]);
+    }
+  }
+}
+
+// dx = scale·(g − mean_g − (x − μ)·centered_coef), written or added.
+template <typename scalar_t, typename math_t>
+DENSENET_VECTORIZED void rows_grad_input(
+    ReadRows<scalar_t> dy,
+    ReadRows<scalar_t> x,
+    WriteRows<scalar_t> dx,
+    int64_t begin,
+    int64_t end,
+    int64_t channels,
+    const math_t* scale,
+    const math_t* shift,
+    const math_t* mean,
+    const math_t* mean_g,
+    const math_t* centered_coef,
+    bool accumulate) {
+  using E = Element<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* xr = x.row(r);
+    const auto* dyr = dy.row(r);
+    auto* dxr = dx.row(r);
+    if (accumulate) {
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const math_t v = E::load(xr[c]);
+        const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
+        dxr[c] = E::store(scale[c] * (g - mean_g[c] - (v - mean[c]) * centered_coef[c]) + E::load(dxr[c]));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const math_t v = E::load(xr[c]);
+        const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
+        dxr[c] = E::store(scale[c] * (g - mean_g[c] - (v - mean[c]) * centered_coef[c]));
+      }
+    }
+  }
+}
+
+// relu(x·scale + shift); NaN stays NaN, as torch.relu.
+template <typename scalar_t, typename math_t>
+DENSENET_VECTORIZED void rows_bn_relu(
+    ReadRows<scalar_t> x,
+    WriteRows<scalar_t> y,
+    int64_t begin,
+    int64_t end,
+    int64_t channels,
+    const math_t* scale,
+    const math_t* shift) {
+  using E = Element<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* xr = x.row(r);
+    auto* yr = y.row(r);
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const math_t v = E::load(xr[c]) * scale[c] + shift[c];
+      yr[c] = E::store(v < 0 ? math_t(0) : v);
+    }
+  }
+}
+
 template <typename scalar_t>
 void channel_stats_impl(const at::Tensor& input, const at::Tensor* copy_to, const at::Tensor& mean, const at::Tensor& var) {
-  using E = Element<scalar_t>;
   using math_t = at::opmath_type<scalar_t>;
   const int64_t rows = rows_of(input), channels = input.size(1);
   const auto x = read_rows<scalar_t>(input);
-  const auto out = copy_to != nullptr ? write_rows<scalar_t>(*copy_to) : decltype(write_rows<scalar_t>(input)){};
+  const auto out = copy_to != nullptr ? write_rows<scalar_t>(*copy_to) : WriteRows<scalar_t>{};
   const auto sums = chunked_sums<math_t>(rows, channels, 1, [&](int64_t begin, int64_t end, math_t* sum) {
-    for (int64_t r = begin; r < end; ++r) {
-      const auto* xr = x.row(r);
-      if (copy_to != nullptr) {
-        auto* o = out.row(r);
-#pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          o[c] = xr[c];
-          sum[c] += E::load(xr[c]);
-        }
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          sum[c] += E::load(xr[c]);
-        }
-      }
-    }
+    rows_sum<scalar_t>(x, out, begin, end, channels, sum);
   });
   std::vector<math_t> m(static_cast<size_t>(channels));
   for (int64_t c = 0; c < channels; ++c) {
@@ -111,14 +240,7 @@ void channel_stats_impl(const at::Tensor& input, const at::Tensor* copy_to, cons
   }
   // Second pass over deviations from the mean: no cancellation between large sums.
   const auto squares = chunked_sums<math_t>(rows, channels, 1, [&](int64_t begin, int64_t end, math_t* sum) {
-    for (int64_t r = begin; r < end; ++r) {
-      const auto* xr = x.row(r);
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const math_t d = E::load(xr[c]) - m[c];
-        sum[c] += d * d;
-      }
-    }
+    rows_squared_deviations<scalar_t>(x, begin, end, channels, m.data(), sum);
   });
   auto* mean_out = mean.mutable_data_ptr<math_t>();
   auto* var_out = var.mutable_data_ptr<math_t>();
@@ -135,27 +257,12 @@ std::pair<std::vector<double>, std::vector<double>> grad_sums_impl(
     const at::Tensor& grad_output,
     const at::Tensor& input,
     const ChannelAffine<math_t>& a) {
-  using E = Element<scalar_t>;
   const int64_t rows = rows_of(input), channels = input.size(1);
   const auto x = read_rows<scalar_t>(input);
   const auto dy = read_rows<scalar_t>(grad_output);
-  const math_t* scale = a.scale.data();
-  const math_t* shift = a.shift.data();
-  const math_t* mean = a.mean.data();
   const auto sums = chunked_sums<math_t>(rows, channels, 2, [&](int64_t begin, int64_t end, math_t* sum) {
-    math_t* sum_g = sum;
-    math_t* sum_g_centered = sum + channels;
-    for (int64_t r = begin; r < end; ++r) {
-      const auto* xr = x.row(r);
-      const auto* dyr = dy.row(r);
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const math_t v = E::load(xr[c]);
-        const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
-        sum_g[c] += g;
-        sum_g_centered[c] += g * (v - mean[c]);
-      }
-    }
+    rows_grad_sums<scalar_t>(
+        dy, x, begin, end, channels, a.scale.data(), a.shift.data(), a.mean.data(), sum, sum + channels);
   });
   return {std::vector<double>(sums.begin(), sums.begin() + channels),
           std::vector<double>(sums.begin() + channels, sums.end())};
@@ -171,60 +278,26 @@ void grad_input_impl(
     const std::vector<math_t>& centered_coef,
     bool accumulate,
     const at::Tensor& grad_input) {
-  using E = Element<scalar_t>;
   const int64_t rows = rows_of(input), channels = input.size(1);
   const auto x = read_rows<scalar_t>(input);
   const auto dy = read_rows<scalar_t>(grad_output);
   const auto dx = write_rows<scalar_t>(grad_input);
-  const math_t* scale = a.scale.data();
-  const math_t* shift = a.shift.data();
-  const math_t* mean = a.mean.data();
-  const math_t* mg = mean_g.data();
-  const math_t* cc = centered_coef.data();
   at::parallel_for(0, rows, grain_for(channels), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const auto* xr = x.row(r);
-      const auto* dyr = dy.row(r);
-      auto* dxr = dx.row(r);
-      if (accumulate) {
-#pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          const math_t v = E::load(xr[c]);
-          const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
-          dxr[c] = E::store(scale[c] * (g - mg[c] - (v - mean[c]) * cc[c]) + E::load(dxr[c]));
-        }
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          const math_t v = E::load(xr[c]);
-          const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
-          dxr[c] = E::store(scale[c] * (g - mg[c] - (v - mean[c]) * cc[c]));
-        }
-      }
-    }
+    rows_grad_input<scalar_t>(
+        dy, x, dx, begin, end, channels, a.scale.data(), a.shift.data(), a.mean.data(), mean_g.data(),
+        centered_coef.data(), accumulate);
   });
 }
 
 template <typename scalar_t>
 void bn_relu_impl(const at::Tensor& input, const ChannelVectors& vectors, double eps, const at::Tensor& out) {
-  using E = Element<scalar_t>;
   using math_t = at::opmath_type<scalar_t>;
   const int64_t rows = rows_of(input), channels = input.size(1);
   const ChannelAffine<math_t> a(vectors, channels, eps);
-  const math_t* scale = a.scale.data();
-  const math_t* shift = a.shift.data();
   const auto x = read_rows<scalar_t>(input);
   const auto y = write_rows<scalar_t>(out);
   at::parallel_for(0, rows, grain_for(channels), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const auto* xr = x.row(r);
-      auto* yr = y.row(r);
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const math_t v = E::load(xr[c]) * scale[c] + shift[c];
-        yr[c] = E::store(v < 0 ? math_t(0) : v);  // NaN stays NaN, as torch.relu
-      }
-    }
+    rows_bn_relu<scalar_t>(x, y, begin, end, channels, a.scale.data(), a.shift.data());
   });
 }
 
