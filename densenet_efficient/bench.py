@@ -81,6 +81,31 @@ def _usual_malloc() -> None:
         raise RuntimeError("mallopt failed: CPU workers need glibc")
 
 
+def step_statistics(times: list) -> dict:
+    """The median step time and its spread: p10-p90 over enough steps,
+    min-max over fewer."""
+    ordered = sorted(times)
+    percentiles = len(times) >= PERCENTILE_STEPS
+    return {
+        "step_ms": statistics.median(times),
+        "step_ms_low": ordered[len(times) // 10] if percentiles else ordered[0],
+        "step_ms_high": ordered[-1 - len(times) // 10] if percentiles else ordered[-1],
+        "step_ms_spread": "p10-p90" if percentiles else "min-max",
+        "step_ms_all": times,
+    }
+
+
+def merge_rounds(results: list) -> dict:
+    """A configuration's rounds as one result: the memory of its first
+    round (the saved bytes are exact, the same in every round) and the step
+    times of all; the first failure if a round failed."""
+    failed = [r for r in results if r.get("result") != "ok"]
+    if failed:
+        return failed[0]
+    times = [t for r in results for t in r["step_ms_all"]]
+    return dict(results[0], **step_statistics(times), rounds=len(results))
+
+
 def measure(config: dict) -> dict:
     import gc
 
@@ -163,17 +188,7 @@ def measure(config: dict) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
     except torch.cuda.OutOfMemoryError:
         return {"result": "OOM"}
-    ordered = sorted(times)
-    percentiles = len(times) >= PERCENTILE_STEPS
-    result = {
-        "result": "ok",
-        "step_ms": statistics.median(times),
-        "step_ms_low": ordered[len(times) // 10] if percentiles else ordered[0],
-        "step_ms_high": ordered[-1 - len(times) // 10] if percentiles else ordered[-1],
-        "step_ms_spread": "p10-p90" if percentiles else "min-max",
-        "step_ms_all": times,
-        "predicted_bytes": None if variant.compiled else prediction,
-    }
+    result = {"result": "ok", **step_statistics(times), "predicted_bytes": None if variant.compiled else prediction}
     if cuda:
         result["memory_bytes"] = torch.cuda.max_memory_allocated(device)
         result["memory_kind"] = "peak allocated (CUDA)"
@@ -282,6 +297,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default: 1 on CPU, 5 on CUDA)")
     parser.add_argument("--max-batch", action="store_true", help="also find the largest batch that runs, per mode (GPU)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every configuration this many times, taking turns, and report the median of all "
+                        "their steps: a shared machine's slow spells then fall on every configuration alike "
+                        "(default 1)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--out", default="bench-output", help="directory for results.json, results.md and the plots")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -326,6 +345,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if args.spatial_dims == 1 and "channels_last" in layouts:
         parser.error("--layouts channels_last: sequences ([N, C, L]) have no channels-last format")
     steps, warmup = args.steps or defaults["steps"], args.warmup if args.warmup is not None else defaults["warmup"]
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
 
     env = environment(device)
     out = Path(args.out)
@@ -350,13 +371,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         row = {k: v for k, v in extra.items() if k not in ("modes", "needs")}
         configs += [dict(row, mode=mode, device=device, steps=steps, warmup=warmup, **variant)
                     for variant in grid for mode in (extra.get("modes", modes) if not args.modes else modes)]
-    progress = Progress(len(configs) + (len(names) * len(modes) if args.max_batch else 0))
-    rows = []
-    for config in configs:
-        progress.update(f"{config['model']} {config['mode']} batch {config['batch']}")
-        row = dict(config, **run_in_subprocess(config, args.timeout))
-        rows.append(row)
-        progress.advance(f"{config['model']} {config['mode']}: {row.get('result')}")
+    progress = Progress(len(configs) * args.rounds + (len(names) * len(modes) if args.max_batch else 0))
+    results = [[] for _ in configs]
+    for round_ in range(args.rounds):
+        for config, done in zip(configs, results):
+            label = f"{config['model']} {config['mode']}" + (f" (round {round_ + 1})" if args.rounds > 1 else "")
+            progress.update(f"{label} batch {config['batch']}")
+            done.append(run_in_subprocess(config, args.timeout))
+            progress.advance(f"{label}: {done[-1].get('result')}")
+    rows = [dict(config, **merge_rounds(done)) for config, done in zip(configs, results)]
     add_ratios(rows)
     report = {"environment": env, "rows": rows}
     if args.max_batch:  # per model given: {model: {mode: batch}}

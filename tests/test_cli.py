@@ -2,6 +2,7 @@
 ``plan`` (predictions, largest batch, argument errors)."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -65,6 +66,25 @@ def test_bench_runs_precisions_and_layouts_side_by_side(tmp_path):
     assert "| densenet_bc-10-4 | 3×32² | 2 | efficient | bf16 | NHWC |" in (out / "results.md").read_text()
 
 
+def test_bench_rounds_take_turns_and_pool_their_steps(tmp_path):
+    """--rounds 2: each configuration runs twice, after every other one
+    has run once; its row holds the steps of both rounds."""
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "densenet_efficient", "bench", "--device", "cpu", "--models", "densenet_bc-10-4",
+               "--modes", "naive,efficient", "--batch", "2", "--steps", "2", "--warmup", "0", "--rounds", "2",
+               "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["naive", "efficient"]
+    for r in rows:
+        assert r["rounds"] == 2 and len(r["step_ms_all"]) == 4
+        assert r["step_ms"] == pytest.approx(statistics.median(r["step_ms_all"]))
+    order = [line.split("s ", 1)[-1].split(" batch")[0] for line in done.stderr.splitlines() if "batch 2" in line]
+    assert order == ["densenet_bc-10-4 naive (round 1)", "densenet_bc-10-4 efficient (round 1)",
+                     "densenet_bc-10-4 naive (round 2)", "densenet_bc-10-4 efficient (round 2)"], order
+
+
 def test_step_peak_is_the_resident_high_water_mark_since_its_reset():
     """The CPU step peak: 64 MiB allocated and freed after the reset shows."""
     from densenet_efficient.bench import _process_memory, _reset_peak_rss
@@ -103,6 +123,7 @@ def test_bench_records_a_failed_configuration_and_goes_on():
         (["bench", "--modes", "fast"], "unknown modes ['fast']"),
         (["bench", "--models", "resnet50"], "unknown model 'resnet50'"),
         (["bench", "--batch", "0"], "batch sizes must be positive"),
+        (["bench", "--rounds", "0"], "--rounds must be at least 1, got 0"),
         (["bench", "--device", "cpu", "--max-batch"], "--max-batch searches GPU memory"),
         (["bench", "--amp", "fp32,fp8"], "--amp: unknown ['fp8']; choose from ['fp32', 'bf16', 'fp16']"),
         (["bench", "--layouts", "nhwc"], "--layouts: unknown ['nhwc']; choose from ['contiguous', 'channels_last']"),
