@@ -523,6 +523,33 @@ def test_channel_rows_of_many_channels_and_rows_equal_the_planes(device, dtype):
     assert rel_error(ours[0], planes[1]) <= close and rel_error(ours[1], planes[2]) <= close
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_channel_row_reductions_do_not_depend_on_the_thread_count(dtype):
+    """300 of 310 channels over 2·60·40 rows: several chunks of rows and
+    blocks of channels, which threads take in turn. The sums are added up in
+    a fixed order, so 1, 2 and 5 threads give the same bits."""
+    x = channels_last_buffer(2, 310, (60, 40), dtype, "cpu")[:, 5:305]
+    grad = channels_last_buffer(2, 310, (60, 40), dtype, "cpu", seed=1)[:, 5:305]
+    weight, bias = bn_vectors(300, dtype=math_dtype(dtype))
+
+    def results():
+        mean, var = ops.channel_stats(x)
+        total = torch.ones_like(x)
+        sums = ops.bn_relu_backward_accumulate(grad, x, mean, var, weight, bias, 1e-5, True, total)
+        return mean, var, total, *sums
+
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for count in (1, 2, 5):
+            torch.set_num_threads(count)
+            runs.append(results())
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_channel_rows_are_walked_in_place(device):
     """A channels-last input and destination: no copy into planes, the whole

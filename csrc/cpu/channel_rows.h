@@ -2,8 +2,9 @@
 // (has_channel_rows: channels_last tensors and channel slices of them), which
 // they walk as N·P rows of C values, a row stride apart: each row's channels
 // are one vectorised run. Reductions accumulate each channel in the math type
-// over chunks of rows and add the chunks up in double, in a fixed order (any
-// number of threads gives the same result). Every tensor a kernel takes has
+// over chunks of rows (threads take chunks and blocks of channels) and add
+// the chunks up in double, in a fixed order (any number of threads gives the
+// same result). Every tensor a kernel takes has
 // channel rows; [C] vectors are contiguous in the math type.
 #pragma once
 

@@ -18,6 +18,11 @@ struct Rows {
   T* row(int64_t r) const {
     return data + r * stride;
   }
+
+  // The rows from channel `c` on (none if there is no data).
+  Rows from(int64_t c) const {
+    return {data != nullptr ? data + c : nullptr, stride};
+  }
 };
 
 // The rows of a scalar_t tensor as its raw elements.
@@ -44,21 +49,31 @@ int64_t rows_of(const at::Tensor& t) {
 
 // Each channel gets this many values of a chunk, summed in the math type.
 constexpr int64_t kRowsPerChunk = kSumBlock;
+// Reductions also split the channels into blocks of this many, so that rows
+// too few for several chunks (a deep block's small maps) still keep every
+// thread busy.
+constexpr int64_t kChannelsPerBlock = 128;
 
 int64_t chunks_of(int64_t rows) {
   return (rows + kRowsPerChunk - 1) / kRowsPerChunk;
 }
 
-// Per chunk of rows, `accumulate(rows begin, rows end, sums)` adds each
-// channel's values into `sums` ([`values` · C] math_t, zeroed); the chunks'
-// sums come back in double, [C · values] added up in chunk order.
+// Per chunk of rows and block of channels, `accumulate(rows begin, rows end,
+// channels begin, channels end, sums)` adds those channels' values into
+// `sums`, the chunk's [`values` · C] math_t (zeroed); the chunks' sums come
+// back in double, [`values` · C] added up in chunk order. The split depends
+// on the shape only: any number of threads gives the same result.
 template <typename math_t, typename Accumulate>
 std::vector<double> chunked_sums(int64_t rows, int64_t channels, int64_t values, const Accumulate& accumulate) {
   const int64_t chunks = chunks_of(rows);
+  const int64_t blocks = (channels + kChannelsPerBlock - 1) / kChannelsPerBlock;
   std::vector<math_t> partial(static_cast<size_t>(chunks * values * channels));
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      accumulate(k * kRowsPerChunk, std::min(rows, (k + 1) * kRowsPerChunk), &partial[k * values * channels]);
+  at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / blocks, b = item % blocks;
+      accumulate(
+          k * kRowsPerChunk, std::min(rows, (k + 1) * kRowsPerChunk), b * kChannelsPerBlock,
+          std::min(channels, (b + 1) * kChannelsPerBlock), &partial[k * values * channels]);
     }
   });
   std::vector<double> total(static_cast<size_t>(values * channels), 0.0);
@@ -231,16 +246,18 @@ void channel_stats_impl(const at::Tensor& input, const at::Tensor* copy_to, cons
   const int64_t rows = rows_of(input), channels = input.size(1);
   const auto x = read_rows<scalar_t>(input);
   const auto out = copy_to != nullptr ? write_rows<scalar_t>(*copy_to) : WriteRows<scalar_t>{};
-  const auto sums = chunked_sums<math_t>(rows, channels, 1, [&](int64_t begin, int64_t end, math_t* sum) {
-    rows_sum<scalar_t>(x, out, begin, end, channels, sum);
+  const auto sums = chunked_sums<math_t>(
+      rows, channels, 1, [&](int64_t begin, int64_t end, int64_t c0, int64_t c1, math_t* sum) {
+    rows_sum<scalar_t>(x.from(c0), out.from(c0), begin, end, c1 - c0, sum + c0);
   });
   std::vector<math_t> m(static_cast<size_t>(channels));
   for (int64_t c = 0; c < channels; ++c) {
     m[c] = static_cast<math_t>(sums[c] / rows);
   }
   // Second pass over deviations from the mean: no cancellation between large sums.
-  const auto squares = chunked_sums<math_t>(rows, channels, 1, [&](int64_t begin, int64_t end, math_t* sum) {
-    rows_squared_deviations<scalar_t>(x, begin, end, channels, m.data(), sum);
+  const auto squares = chunked_sums<math_t>(
+      rows, channels, 1, [&](int64_t begin, int64_t end, int64_t c0, int64_t c1, math_t* sum) {
+    rows_squared_deviations<scalar_t>(x.from(c0), begin, end, c1 - c0, m.data() + c0, sum + c0);
   });
   auto* mean_out = mean.mutable_data_ptr<math_t>();
   auto* var_out = var.mutable_data_ptr<math_t>();
@@ -260,9 +277,11 @@ std::pair<std::vector<double>, std::vector<double>> grad_sums_impl(
   const int64_t rows = rows_of(input), channels = input.size(1);
   const auto x = read_rows<scalar_t>(input);
   const auto dy = read_rows<scalar_t>(grad_output);
-  const auto sums = chunked_sums<math_t>(rows, channels, 2, [&](int64_t begin, int64_t end, math_t* sum) {
+  const auto sums = chunked_sums<math_t>(
+      rows, channels, 2, [&](int64_t begin, int64_t end, int64_t c0, int64_t c1, math_t* sum) {
     rows_grad_sums<scalar_t>(
-        dy, x, begin, end, channels, a.scale.data(), a.shift.data(), a.mean.data(), sum, sum + channels);
+        dy.from(c0), x.from(c0), begin, end, c1 - c0, a.scale.data() + c0, a.shift.data() + c0, a.mean.data() + c0,
+        sum + c0, sum + channels + c0);
   });
   return {std::vector<double>(sums.begin(), sums.begin() + channels),
           std::vector<double>(sums.begin() + channels, sums.end())};
