@@ -82,9 +82,6 @@ Tensor weight_operand(const Tensor& weight, at::MemoryFormat format) {
 
 Tensor laid_out_like(const Tensor& grad, const Tensor& weight) {
   TORCH_INTERNAL_ASSERT(grad.sizes() == weight.sizes());
-  if (!weight.is_non_overlapping_and_dense()) {  // empty_like's rule: then contiguous
-    return grad.contiguous();
-  }
   bool same_layout = true;
   for (int64_t d = 0; d < grad.dim(); ++d) {
     same_layout = same_layout && (grad.size(d) == 1 || grad.stride(d) == weight.stride(d));
@@ -92,6 +89,8 @@ Tensor laid_out_like(const Tensor& grad, const Tensor& weight) {
   if (same_layout) {
     return grad.as_strided(weight.sizes(), weight.strides(), grad.storage_offset());
   }
+  // empty_like's strides, as the fake kernels' (a non-dense weight's
+  // dimension order, densely).
   return at::empty_like(weight, grad.options()).copy_(grad);
 }
 

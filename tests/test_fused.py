@@ -253,6 +253,24 @@ def test_3d_stretches_under_cpu_autocast_run_their_modules():
         assert torch.equal(stem(image), _naive(stem)(image))
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_a_non_dense_conv0_weight_gets_the_gradient_strides_its_fake_kernel_says(channels_last):
+    """A conv0 weight with gaps (every other output channel of a larger
+    one): its gradient is laid out as empty_like lays out such a weight,
+    densely in its dimension order, by the operator and its fake kernel."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    conv0 = torch.randn(8, 3, 3, 3, dtype=torch.float64).contiguous(memory_format=layout)[::2]
+    assert not conv0.is_contiguous(memory_format=layout)
+    image = torch.randn(2, 3, 9, 8, dtype=torch.float64).contiguous(memory_format=layout)
+    weight, bias = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    stem_args = ([2, 2], [1, 1], weight, bias, [], 1e-5, [3, 3], [2, 2], [1, 1])
+    output, mean, var, _ = ops.stem_forward(image, conv0, *stem_args)
+    grads = ops.stem_backward(torch.randn_like(output), image, conv0, *stem_args, mean, var, True)
+    assert grads[1].stride() == torch.empty_like(conv0).stride()
+    torch.library.opcheck(ops.stem_backward.default,
+                          (torch.randn_like(output), image, conv0, *stem_args, mean, var, True))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("image_channels", [3, 1])
 @pytest.mark.parametrize("channels_last", ["weights", "input", "both"])

@@ -68,7 +68,8 @@ std::vector<double> chunked_sums(int64_t rows, int64_t channels, int64_t values,
   const int64_t chunks = chunks_of(rows);
   const int64_t blocks = (channels + kChannelsPerBlock - 1) / kChannelsPerBlock;
   std::vector<math_t> partial(static_cast<size_t>(chunks * values * channels));
-  at::parallel_for(0, chunks * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t values_per_item = std::min(rows, kRowsPerChunk) * std::min(channels, kChannelsPerBlock);
+  at::parallel_for(0, chunks * blocks, grain_for(values_per_item), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / blocks, b = item % blocks;
       accumulate(

@@ -30,9 +30,10 @@ inline int64_t grain_for(int64_t plane_size) {
 // wide, same arithmetic: no multiply-adds are formed (-ffp-contract=off) and
 // c10's half/bfloat16 conversions are its software ones at every level;
 // only the lanes of the plane walk's in-register sums change with the
-// vector width. (Baseline code ran densenet121's backward kernels at about
-// half the speed, on an AVX-512 CPU.)
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+// vector width, so those sums' last bits differ between an AVX-512 and an
+// AVX2 machine (docs/design.md). Clang cannot clone templates, and ifuncs
+// need glibc: elsewhere the baseline alone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__GLIBC__)
 #define DENSENET_VECTORIZED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DENSENET_VECTORIZED
