@@ -105,8 +105,40 @@ Tensor avg_pool(const Tensor& x) {
   }
 }
 
+// avg_pool's gradient. With even sizes every position lies in one window and
+// gets 1/2 (1/4, 1/8) of its window's gradient: written once, in x's memory
+// format, with the same rounding as ATen's x / 4 (a power of two). ATen's CPU
+// kernels first zero their whole output and then add into it, one more pass
+// over the transition's widest map (densenet121's first transition, from
+// cold caches: NCHW fp32 2.3 → 1.5 ms, bf16 3.3 → 2.0, NHWC bf16 0.84 → 0.43,
+// NHWC fp32 about even). Odd sizes (a last row in no window) go to ATen.
 Tensor avg_pool_backward(const Tensor& grad, const Tensor& x) {
-  const std::vector<int64_t> two(static_cast<size_t>(x.dim() - 2), 2), zero(two.size(), 0);
+  const int64_t dims = x.dim() - 2;
+  bool whole_windows = true;
+  for (int64_t d = 2; d < x.dim(); ++d) {
+    whole_windows = whole_windows && x.size(d) % 2 == 0;
+  }
+  if (whole_windows) {
+    auto grad_input = at::empty(x.sizes(), grad.options().memory_format(x.suggest_memory_format()));
+    // grad_input as [N, C, H/2, 2, W/2, 2], grad as [N, C, H/2, 1, W/2, 1]
+    // repeated over each window (likewise in 1-D and 3-D).
+    std::vector<int64_t> window_sizes{x.size(0), x.size(1)};
+    std::vector<int64_t> window_strides{grad_input.stride(0), grad_input.stride(1)};
+    std::vector<int64_t> grad_strides{grad.stride(0), grad.stride(1)};
+    TORCH_INTERNAL_ASSERT(grad.dim() == x.dim() && grad.size(0) == x.size(0) && grad.size(1) == x.size(1));
+    for (int64_t d = 2; d < x.dim(); ++d) {
+      TORCH_INTERNAL_ASSERT(grad.size(d) == x.size(d) / 2);
+      window_sizes.insert(window_sizes.end(), {x.size(d) / 2, 2});
+      window_strides.insert(window_strides.end(), {2 * grad_input.stride(d), grad_input.stride(d)});
+      grad_strides.insert(grad_strides.end(), {grad.stride(d), 0});
+    }
+    auto windows = grad_input.as_strided(window_sizes, window_strides);
+    const auto per_window = grad.as_strided(window_sizes, grad_strides);
+    const auto share = at::scalar_tensor(1.0 / static_cast<double>(int64_t{1} << dims), grad.options());
+    at::mul_out(windows, per_window, share);
+    return grad_input;
+  }
+  const std::vector<int64_t> two(static_cast<size_t>(dims), 2), zero(two.size(), 0);
   switch (x.dim()) {
     case 3:
       return at::avg_pool2d_backward(
