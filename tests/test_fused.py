@@ -18,8 +18,11 @@ from densenet_efficient.memory import saved_tensor_bytes
 from densenet_efficient.reference import BATCH_NORM, CONV
 
 FLOAT64_TOL = 1e-10
+# Odd sizes (a last row in no pooling window) and even ones (every value in
+# one window, which the transition's backward spreads itself).
 SPATIAL = [pytest.param((7, 5), id="2d-odd"), pytest.param((4, 6, 5), id="3d"), pytest.param((9,), id="1d"),
-           pytest.param((2, 2), id="2d-one-pooled-pixel")]
+           pytest.param((2, 2), id="2d-one-pooled-pixel"), pytest.param((6, 4), id="2d-even"),
+           pytest.param((4, 6, 2), id="3d-even"), pytest.param((8,), id="1d-even")]
 MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 
 
@@ -106,9 +109,10 @@ def test_layouts_other_than_the_fused_one_run_their_modules():
 def test_gradcheck_transition_and_stem():
     for training in (True, False):
         transition = _transition(2, channels=3, out=2).train(training)
-        x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
         params = (transition.norm.weight, transition.norm.bias, transition.conv.weight)
-        assert torch.autograd.gradcheck(lambda x, *p: transition(x), (x, *params))
+        for spatial in ((4, 3), (4, 6)):  # odd and even sizes
+            x = torch.randn(2, 3, *spatial, dtype=torch.float64, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda x, *p: transition(x), (x, *params))
         stem = _stem(2, channels=3).train(training)
         image = torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True)
         params = (stem.conv0.weight, stem.norm0.weight, stem.norm0.bias)
