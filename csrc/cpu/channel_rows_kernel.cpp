@@ -182,7 +182,7 @@ DENSENET_VECTORIZED void rows_grad_sums(
 }
 
 // dx = scale·(g − mean_g − (x − μ)·centered_coef), written or added.
-template <typename scalar_t, typename math_t>
+template <bool accumulate, typename scalar_t, typename math_t>
 DENSENET_VECTORIZED void rows_grad_input(
     ReadRows<scalar_t> dy,
     ReadRows<scalar_t> x,
@@ -194,27 +194,21 @@ DENSENET_VECTORIZED void rows_grad_input(
     const math_t* shift,
     const math_t* mean,
     const math_t* mean_g,
-    const math_t* centered_coef,
-    bool accumulate) {
+    const math_t* centered_coef) {
   using E = Element<scalar_t>;
   for (int64_t r = begin; r < end; ++r) {
     const auto* xr = x.row(r);
     const auto* dyr = dy.row(r);
     auto* dxr = dx.row(r);
-    if (accumulate) {
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const math_t v = E::load(xr[c]);
-        const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
-        dxr[c] = E::store(scale[c] * (g - mean_g[c] - (v - mean[c]) * centered_coef[c]) + E::load(dxr[c]));
+    for (int64_t c = 0; c < channels; ++c) {
+      const math_t v = E::load(xr[c]);
+      const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
+      math_t d = scale[c] * (g - mean_g[c] - (v - mean[c]) * centered_coef[c]);
+      if constexpr (accumulate) {
+        d += E::load(dxr[c]);
       }
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const math_t v = E::load(xr[c]);
-        const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
-        dxr[c] = E::store(scale[c] * (g - mean_g[c] - (v - mean[c]) * centered_coef[c]));
-      }
+      dxr[c] = E::store(d);
     }
   }
 }
@@ -302,10 +296,10 @@ void grad_input_impl(
   const auto x = read_rows<scalar_t>(input);
   const auto dy = read_rows<scalar_t>(grad_output);
   const auto dx = write_rows<scalar_t>(grad_input);
+  const auto loop = accumulate ? &rows_grad_input<true, scalar_t, math_t> : &rows_grad_input<false, scalar_t, math_t>;
   at::parallel_for(0, rows, grain_for(channels), [&](int64_t begin, int64_t end) {
-    rows_grad_input<scalar_t>(
-        dy, x, dx, begin, end, channels, a.scale.data(), a.shift.data(), a.mean.data(), mean_g.data(),
-        centered_coef.data(), accumulate);
+    loop(dy, x, dx, begin, end, channels, a.scale.data(), a.shift.data(), a.mean.data(), mean_g.data(),
+         centered_coef.data());
   });
 }
 
