@@ -107,6 +107,26 @@ typename Element<scalar_t>::raw_t* raw(scalar_t* p) {
   return reinterpret_cast<typename Element<scalar_t>::raw_t*>(p);
 }
 
+// A norm's vectors (ChannelVectors, already in math_t and contiguous) as raw
+// pointers, taken once per call: through the tensors, each channel's four
+// reads cost four checked data_ptr calls, 30 µs of a 640-channel call whose
+// arithmetic takes 1.
+template <typename math_t>
+struct NormVectors {
+  const math_t* mean;
+  const math_t* var;
+  const math_t* weight;
+  const math_t* bias;
+  math_t eps;
+
+  NormVectors(const ChannelVectors& v, double eps_)
+      : mean(v.mean.const_data_ptr<math_t>()),
+        var(v.var.const_data_ptr<math_t>()),
+        weight(v.weight.const_data_ptr<math_t>()),
+        bias(v.bias.const_data_ptr<math_t>()),
+        eps(static_cast<math_t>(eps_)) {}
+};
+
 // The affine form of BatchNorm (ATen's): y = x·scale + shift with
 // scale = γ·invstd, shift = β − μ·scale, invstd = 1/sqrt(var + ε). Forward and
 // backward both form it here, so the ReLU gate recomputed in backward is
@@ -115,16 +135,11 @@ template <typename math_t>
 struct Affine {
   math_t invstd, scale, shift, mean;
 
-  Affine(const ChannelVectors& v, int64_t c, double eps) {
-    const auto* m = v.mean.const_data_ptr<math_t>();
-    const auto* var = v.var.const_data_ptr<math_t>();
-    const auto* w = v.weight.const_data_ptr<math_t>();
-    const auto* b = v.bias.const_data_ptr<math_t>();
-    invstd = math_t(1) / std::sqrt(var[c] + static_cast<math_t>(eps));
-    scale = w[c] * invstd;
-    shift = b[c] - m[c] * scale;
-    mean = m[c];
-  }
+  Affine(const NormVectors<math_t>& v, int64_t c)
+      : invstd(math_t(1) / std::sqrt(v.var[c] + v.eps)),
+        scale(v.weight[c] * invstd),
+        shift(v.bias[c] - v.mean[c] * scale),
+        mean(v.mean[c]) {}
 };
 
 // Backward's per-channel terms (bn_relu_kernel.cpp derives them), from the
