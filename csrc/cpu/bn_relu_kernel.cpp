@@ -317,7 +317,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_cpu", [&] {
           using math_t = at::opmath_type<scalar_t>;
-          const NormVectors<math_t> norm(vectors, eps);
+          const ChannelParams<math_t> params(vectors, eps);
           const auto x = read_planes<scalar_t>(input);
           const auto y = write_planes<scalar_t>(out);
           at::parallel_for(
@@ -325,7 +325,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
               [&](int64_t begin, int64_t end) {
                 for (int64_t i = begin; i < end; ++i) {
                   const int64_t n = i / channels, c = i % channels;
-                  const Affine<math_t> a(norm, c);
+                  const Affine<math_t> a(params, c);
                   plane_bn_relu<scalar_t, math_t>(
                       x.plane(n, c), y.plane(n, c), plane_size, a.scale, a.shift);
                 }
@@ -359,7 +359,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cpu",
         [&] {
           using math_t = at::opmath_type<scalar_t>;
-          const NormVectors<math_t> norm(vectors, eps);
+          const ChannelParams<math_t> params(vectors, eps);
           const auto x = read_planes<scalar_t>(input);
           const auto dy = read_planes<scalar_t>(grad_output);
           const auto dx = write_planes<scalar_t>(grad_input);
@@ -368,7 +368,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
           at::parallel_for(
               0, channels, grain_for(count), [&](int64_t begin, int64_t end) {
                 for (int64_t c = begin; c < end; ++c) {
-                  const Affine<math_t> a(norm, c);
+                  const Affine<math_t> a(params, c);
                   const auto [sum_g, sum_g_centered] =
                       channel_grad_sums<scalar_t, math_t>(dy, x, batch, plane_size, c, a);
                   const ChannelBackward<math_t> terms(
@@ -395,14 +395,14 @@ struct CpuKernels : cpu::ChannelRowKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_sums_cpu", [&] {
           using math_t = at::opmath_type<scalar_t>;
-          const NormVectors<math_t> norm(vectors, eps);
+          const ChannelParams<math_t> params(vectors, eps);
           const auto x = read_planes<scalar_t>(input);
           const auto dy = read_planes<scalar_t>(grad_output);
           auto* dw = grad_weight.mutable_data_ptr<math_t>();
           auto* db = grad_bias.mutable_data_ptr<math_t>();
           at::parallel_for(0, channels, grain_for(batch * plane_size), [&](int64_t begin, int64_t end) {
             for (int64_t c = begin; c < end; ++c) {
-              const Affine<math_t> a(norm, c);
+              const Affine<math_t> a(params, c);
               const auto [sum_g, sum_g_centered] =
                   channel_grad_sums<scalar_t, math_t>(dy, x, batch, plane_size, c, a);
               const ChannelBackward<math_t> terms(sum_g, sum_g_centered, a.invstd, /*batch_stats=*/false, 0);
@@ -430,7 +430,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_input_cpu", [&] {
           using math_t = at::opmath_type<scalar_t>;
-          const NormVectors<math_t> norm(vectors, eps);
+          const ChannelParams<math_t> params(vectors, eps);
           const auto x = read_planes<scalar_t>(input);
           const auto dy = read_planes<scalar_t>(grad_output);
           const auto dx = write_planes<scalar_t>(grad_input);
@@ -438,7 +438,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
           const auto* db = sums.bias.const_data_ptr<math_t>();
           at::parallel_for(0, channels, grain_for(batch * plane_size), [&](int64_t begin, int64_t end) {
             for (int64_t c = begin; c < end; ++c) {
-              const Affine<math_t> a(norm, c);
+              const Affine<math_t> a(params, c);
               const ChannelBackward<math_t> terms(dw[c], db[c], a.invstd, values);
               channel_grad_input<accumulate, scalar_t, math_t>(
                   dy, x, dx, batch, plane_size, c, a, terms.mean_g, terms.centered_coef);

@@ -92,9 +92,9 @@ struct ChannelAffine {
   std::vector<math_t> invstd, scale, shift, mean;
 
   ChannelAffine(const ChannelVectors& v, int64_t channels, double eps) {
-    const NormVectors<math_t> norm(v, eps);
+    const ChannelParams<math_t> params(v, eps);
     for (int64_t c = 0; c < channels; ++c) {
-      const Affine<math_t> a(norm, c);
+      const Affine<math_t> a(params, c);
       invstd.push_back(a.invstd);
       scale.push_back(a.scale);
       shift.push_back(a.shift);

@@ -110,16 +110,16 @@ typename Element<scalar_t>::raw_t* raw(scalar_t* p) {
 // A norm's vectors (ChannelVectors, already in math_t and contiguous) as raw
 // pointers, taken once per call: through the tensors, each channel's four
 // reads cost four checked data_ptr calls, 30 µs of a 640-channel call whose
-// arithmetic takes 1.
+// arithmetic takes 1. (The CUDA kernels' ChannelParams, bn_relu_math.cuh.)
 template <typename math_t>
-struct NormVectors {
+struct ChannelParams {
   const math_t* mean;
   const math_t* var;
   const math_t* weight;
   const math_t* bias;
   math_t eps;
 
-  NormVectors(const ChannelVectors& v, double eps_)
+  ChannelParams(const ChannelVectors& v, double eps_)
       : mean(v.mean.const_data_ptr<math_t>()),
         var(v.var.const_data_ptr<math_t>()),
         weight(v.weight.const_data_ptr<math_t>()),
@@ -135,7 +135,7 @@ template <typename math_t>
 struct Affine {
   math_t invstd, scale, shift, mean;
 
-  Affine(const NormVectors<math_t>& v, int64_t c)
+  Affine(const ChannelParams<math_t>& v, int64_t c)
       : invstd(math_t(1) / std::sqrt(v.var[c] + v.eps)),
         scale(v.weight[c] * invstd),
         shift(v.bias[c] - v.mean[c] * scale),
