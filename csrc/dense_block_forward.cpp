@@ -6,6 +6,7 @@
 #include "dense_block.h"
 #include "dense_block_sync.h"
 #include "ops.h"
+#include "per_channel_ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -67,8 +68,8 @@ ForwardResult dense_block_forward(
   constexpr const char* op = "dense_block_forward";
   check_block_rank(op, "input", input);
   TORCH_CHECK_TYPE(
-      at::isFloatingType(input.scalar_type()), op,
-      ": expected a floating-point input, got ", input.scalar_type());
+      is_kernel_float(input.scalar_type()), op, ": expected an input of ", kKernelFloats, ", got ",
+      input.scalar_type());
   TORCH_CHECK_VALUE(
       !conv1_weight.empty(), op, ": a dense block needs at least one layer");
   TORCH_CHECK_VALUE(

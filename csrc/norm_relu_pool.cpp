@@ -41,7 +41,7 @@ void check_norm_args(
     double eps) {
   check_block_rank(op, "input", input);
   TORCH_CHECK_TYPE(
-      at::isFloatingType(input.scalar_type()), op, ": expected a floating-point input, got ",
+      is_kernel_float(input.scalar_type()), op, ": expected an input of ", kKernelFloats, ", got ",
       input.scalar_type());
   const auto channels = input.size(1);
   for (const auto* t : {&weight, &bias}) {

@@ -99,14 +99,18 @@ at::Tensor in_walk(const at::Tensor& t, Walk walk) {
   return t.permute(order).contiguous().permute(back);
 }
 
+bool is_kernel_float(at::ScalarType dtype) {
+  return dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
 void check_planar_floating(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(
       t.dim() >= 2 + kMinSpatialDims && t.dim() <= 2 + kMaxSpatialDims, op, ": expected ", name,
       " to be a 3-D, 4-D or 5-D tensor ([N, C, L], [N, C, H, W] or [N, C, D, H, W]), got a ",
       t.dim(), "-D tensor of shape ", t.sizes());
   TORCH_CHECK_TYPE(
-      at::isFloatingType(t.scalar_type()), op, ": expected ", name,
-      " to be floating point, got ", t.scalar_type());
+      is_kernel_float(t.scalar_type()), op, ": expected ", name, " to be ", kKernelFloats, ", got ",
+      t.scalar_type());
 }
 
 void check_channel_vector(
@@ -120,8 +124,8 @@ void check_channel_vector(
       " of shape [", channels, "] (one value per input channel), got shape ",
       v.sizes());
   TORCH_CHECK_TYPE(
-      at::isFloatingType(v.scalar_type()), op, ": expected ", name,
-      " to be floating point, got ", v.scalar_type());
+      is_kernel_float(v.scalar_type()), op, ": expected ", name, " to be ", kKernelFloats, ", got ",
+      v.scalar_type());
   TORCH_CHECK(
       v.device() == input.device(), op, ": expected ", name,
       " on the input's device ", input.device(), ", got it on ", v.device());

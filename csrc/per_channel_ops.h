@@ -49,8 +49,16 @@ enum class Walk { planes, rows };
 // (contiguous, or channels last).
 at::Tensor in_walk(const at::Tensor& t, Walk walk);
 
-// `input` must be a floating-point [N, C, *spatial] tensor with 1 to 3
-// spatial dimensions.
+// The dtypes the kernels compute in: float64, float32, float16, bfloat16.
+// (at::isFloatingType also holds for the float8 and float4 types, which
+// have no kernels and no math type.)
+bool is_kernel_float(at::ScalarType dtype);
+
+// What an error says is expected instead of a dtype is_kernel_float refuses.
+constexpr const char* kKernelFloats = "float64, float32, float16 or bfloat16";
+
+// `input` must be a [N, C, *spatial] tensor of a kernel float (is_kernel_float)
+// with 1 to 3 spatial dimensions.
 void check_planar_floating(const char* op, const char* name, const at::Tensor& input);
 
 // Checks input ([N, C, *spatial], floating point) and the four per-channel vectors

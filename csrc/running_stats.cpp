@@ -1,5 +1,7 @@
 #include "running_stats.h"
 
+#include "per_channel_ops.h"
+
 #include <c10/util/Exception.h>
 #include <c10/util/irange.h>
 
@@ -84,9 +86,9 @@ RunningStatsUpdate check_running_stats_args(
       ": expected batch_mean and batch_var to be 1-D of one length, got shapes ",
       batch_mean.sizes(), " and ", batch_var.sizes());
   TORCH_CHECK_TYPE(
-      at::isFloatingType(batch_mean.scalar_type()) &&
+      is_kernel_float(batch_mean.scalar_type()) &&
           batch_var.scalar_type() == batch_mean.scalar_type(),
-      kOp, ": expected floating-point batch statistics of one dtype, got ",
+      kOp, ": expected batch statistics of one dtype, ", kKernelFloats, ", got ",
       batch_mean.scalar_type(), " and ", batch_var.scalar_type());
   TORCH_CHECK(
       batch_var.device() == batch_mean.device(), kOp,
@@ -107,8 +109,11 @@ RunningStatsUpdate check_running_stats_args(
         ": its ", mean.numel(), " statistics from offset ", offsets[i],
         " do not lie within the ", batch_mean.numel(), " batch statistics");
     TORCH_CHECK_TYPE(
-        at::isFloatingType(mean.scalar_type()) && var.scalar_type() == mean.scalar_type() &&
-            mean.scalar_type() == running_mean[0].scalar_type(),
+        is_kernel_float(mean.scalar_type()) && is_kernel_float(var.scalar_type()), kOp, ": norm ", i,
+        ": expected running statistics of ", kKernelFloats, ", got ", mean.scalar_type(), " and ",
+        var.scalar_type());
+    TORCH_CHECK_TYPE(
+        var.scalar_type() == mean.scalar_type() && mean.scalar_type() == running_mean[0].scalar_type(),
         kOp, ": expected every running statistic in one floating-point dtype (",
         running_mean[0].scalar_type(), "), norm ", i, " has ", mean.scalar_type(), " and ",
         var.scalar_type());

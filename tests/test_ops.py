@@ -832,7 +832,7 @@ def test_op_errors_name_expected_and_given():
         ops.bn_relu(x, mean, var, torch.ones(4, dtype=torch.float64), bias, 1e-5)
     with pytest.raises(ValueError, match=r"expected eps >= 0, got -1"):
         ops.bn_relu(x, mean, var, weight, bias, -1.0)
-    with pytest.raises(TypeError, match=r"expected input to be floating point, got Long"):
+    with pytest.raises(TypeError, match=r"expected input to be float64, float32, float16 or bfloat16, got Long"):
         ops.channel_stats(x.long())
     with pytest.raises(TypeError, match=r"expected out of dtype Double.*got Float"):
         ops.bn_relu_out(x, mean, var, weight, bias, 1e-5, torch.empty(x.shape))
@@ -840,6 +840,32 @@ def test_op_errors_name_expected_and_given():
         ops.bn_relu_backward(x[:1], x, mean, var, weight, bias, 1e-5, True)
     with pytest.raises(ValueError, match=r"expected mean of shape \[3\].*got shape \[2\]"):
         ops.copy_with_stats(x, torch.empty_like(x), mean[:2], var)
+
+
+LOW_BIT_FLOATS = [
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float4_e2m1fn_x2") if hasattr(torch, name)
+]
+
+
+@pytest.mark.parametrize("dtype", LOW_BIT_FLOATS, ids=str)
+def test_low_bit_floats_are_refused_naming_the_dtypes_the_kernels_take(dtype):
+    """torch counts float8 and float4 as floating point, but no kernel (and
+    no math type) exists for them: a TypeError, not ATen's dispatch error or
+    internal assert."""
+    low = torch.zeros(2, 3, 4, 4, dtype=torch.uint8).view(dtype)
+    low_vector = torch.zeros(3, dtype=torch.uint8).view(dtype)
+    x, ones, zeros = torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3)
+    calls = [
+        lambda: ops.channel_stats(low),
+        lambda: ops.bn_relu(low, zeros, ones, ones, zeros, 1e-5),
+        lambda: ops.bn_relu(x, zeros, ones, low_vector, zeros, 1e-5),
+        lambda: ops.transition_forward(low, ones, zeros, [], 1e-5, torch.randn(2, 3, 1, 1)),
+        lambda: ops.update_running_stats(
+            [low_vector], [low_vector], [torch.tensor(0)], [0.1], [0], zeros, ones, torch.tensor(4)),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"float64, float32, float16 or bfloat16.*got Float[48]"):
+            call()
 
 
 def test_update_running_stats_errors_name_expected_and_given():
