@@ -317,7 +317,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_cpu", [&] {
           using math_t = at::opmath_type<scalar_t>;
-          const ChannelParams<math_t> params(vectors, eps);
+          const auto params = params_of<math_t>(vectors, eps);
           const auto x = read_planes<scalar_t>(input);
           const auto y = write_planes<scalar_t>(out);
           at::parallel_for(
@@ -359,7 +359,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_cpu",
         [&] {
           using math_t = at::opmath_type<scalar_t>;
-          const ChannelParams<math_t> params(vectors, eps);
+          const auto params = params_of<math_t>(vectors, eps);
           const auto x = read_planes<scalar_t>(input);
           const auto dy = read_planes<scalar_t>(grad_output);
           const auto dx = write_planes<scalar_t>(grad_input);
@@ -395,7 +395,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_sums_cpu", [&] {
           using math_t = at::opmath_type<scalar_t>;
-          const ChannelParams<math_t> params(vectors, eps);
+          const auto params = params_of<math_t>(vectors, eps);
           const auto x = read_planes<scalar_t>(input);
           const auto dy = read_planes<scalar_t>(grad_output);
           auto* dw = grad_weight.mutable_data_ptr<math_t>();
@@ -430,7 +430,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "bn_relu_backward_input_cpu", [&] {
           using math_t = at::opmath_type<scalar_t>;
-          const ChannelParams<math_t> params(vectors, eps);
+          const auto params = params_of<math_t>(vectors, eps);
           const auto x = read_planes<scalar_t>(input);
           const auto dy = read_planes<scalar_t>(grad_output);
           const auto dx = write_planes<scalar_t>(grad_input);

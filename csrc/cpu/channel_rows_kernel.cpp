@@ -92,7 +92,7 @@ struct ChannelAffine {
   std::vector<math_t> invstd, scale, shift, mean;
 
   ChannelAffine(const ChannelVectors& v, int64_t channels, double eps) {
-    const ChannelParams<math_t> params(v, eps);
+    const auto params = params_of<math_t>(v, eps);
     for (int64_t c = 0; c < channels; ++c) {
       const Affine<math_t> a(params, c);
       invstd.push_back(a.invstd);

@@ -107,26 +107,6 @@ typename Element<scalar_t>::raw_t* raw(scalar_t* p) {
   return reinterpret_cast<typename Element<scalar_t>::raw_t*>(p);
 }
 
-// A norm's vectors (ChannelVectors, already in math_t and contiguous) as raw
-// pointers, taken once per call: through the tensors, each channel's four
-// reads cost four checked data_ptr calls, 30 µs of a 640-channel call whose
-// arithmetic takes 1. (The CUDA kernels' ChannelParams, bn_relu_math.cuh.)
-template <typename math_t>
-struct ChannelParams {
-  const math_t* mean;
-  const math_t* var;
-  const math_t* weight;
-  const math_t* bias;
-  math_t eps;
-
-  ChannelParams(const ChannelVectors& v, double eps_)
-      : mean(v.mean.const_data_ptr<math_t>()),
-        var(v.var.const_data_ptr<math_t>()),
-        weight(v.weight.const_data_ptr<math_t>()),
-        bias(v.bias.const_data_ptr<math_t>()),
-        eps(static_cast<math_t>(eps_)) {}
-};
-
 // The affine form of BatchNorm (ATen's): y = x·scale + shift with
 // scale = γ·invstd, shift = β − μ·scale, invstd = 1/sqrt(var + ε). Forward and
 // backward both form it here, so the ReLU gate recomputed in backward is

@@ -83,13 +83,13 @@ struct BnReluOf {
     __device__ void operator()(int64_t n, int64_t c, int64_t position) const {
       const auto in = load<VEC>(x.at(n, c, position));
       Pack<scalar_t, VEC> result;
-      auto affine = params.affine(c);
+      auto affine = affine_of(params, c);
       int64_t channel = c, p = position;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         if (p == plane_size) {  // the vector crossed into the next channel's plane
           p = 0;
-          affine = params.affine(++channel);
+          affine = affine_of(params, ++channel);
         }
         result.v[i] = static_cast<scalar_t>(relu(affine(static_cast<math_t>(in.v[i]))));
         ++p;
@@ -114,7 +114,7 @@ struct GradSumsOf {
     ChannelParams<math_t> params;
 
     __device__ GradChannel<math_t> channel(int64_t c) const {
-      return {c, params.affine(c), params.mean[c]};
+      return {c, affine_of(params, c), params.mean[c]};
     }
     __device__ void accumulate(State& state, const GradChannel<math_t>& ch, int64_t n, int64_t position) const {
       const auto dy = load<VEC>(grad_out.at(n, ch.c, position));

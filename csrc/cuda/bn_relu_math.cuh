@@ -74,28 +74,12 @@ struct Affine {
 };
 
 template <typename math_t>
-struct ChannelParams {
-  const math_t* mean;
-  const math_t* var;
-  const math_t* weight;
-  const math_t* bias;
-  math_t eps;
-
-  __device__ Affine<math_t> affine(int64_t c) const {
-    Affine<math_t> a;
-    a.invstd = inverse_sqrt(add(var[c], eps));
-    a.scale = multiply(weight[c], a.invstd);
-    a.shift = subtract(bias[c], multiply(mean[c], a.scale));
-    return a;
-  }
-};
-
-template <typename math_t>
-ChannelParams<math_t> params_of(const ChannelVectors& v, double eps) {
-  return {
-      v.mean.const_data_ptr<math_t>(), v.var.const_data_ptr<math_t>(),
-      v.weight.const_data_ptr<math_t>(), v.bias.const_data_ptr<math_t>(),
-      static_cast<math_t>(eps)};
+__device__ Affine<math_t> affine_of(const ChannelParams<math_t>& p, int64_t c) {
+  Affine<math_t> a;
+  a.invstd = inverse_sqrt(add(p.var[c], p.eps));
+  a.scale = multiply(p.weight[c], a.invstd);
+  a.shift = subtract(p.bias[c], multiply(p.mean[c], a.scale));
+  return a;
 }
 
 template <typename math_t>
@@ -284,7 +268,7 @@ __global__ void finalize_grad_kernel(
     sum_g_centered += partials[c * chunks + s].g_centered;
   }
   GradCoefficients<math_t> k;
-  k.affine = params.affine(c);
+  k.affine = affine_of(params, c);
   k.mean = params.mean[c];
   const math_t r = k.affine.invstd;
   grad_weight[c] = sum_g_centered * r;
@@ -312,7 +296,7 @@ __global__ void coefficients_from_sums_kernel(
     return;
   }
   GradCoefficients<math_t> k;
-  k.affine = params.affine(c);
+  k.affine = affine_of(params, c);
   k.mean = params.mean[c];
   const math_t values = static_cast<math_t>(*count);
   k.mean_g = grad_bias[c] / values;

@@ -159,7 +159,7 @@ struct RowBnRelu {
   ChannelParams<math_t> params;
 
   __device__ Affine<math_t> channel(int64_t c) const {
-    return params.affine(c);
+    return affine_of(params, c);
   }
   __device__ void operator()(const Affine<math_t>& affine, int64_t row, int64_t c) const {
     *out.at(row, c) = static_cast<scalar_t>(relu(affine(static_cast<math_t>(*x.at(row, c)))));
@@ -178,7 +178,7 @@ struct RowGradSums {
   ChannelParams<math_t> params;
 
   __device__ GradChannel<math_t> channel(int64_t c) const {
-    return {c, params.affine(c), params.mean[c]};
+    return {c, affine_of(params, c), params.mean[c]};
   }
   __device__ void accumulate(
       GradSums<math_t>& state,
