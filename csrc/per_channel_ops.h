@@ -61,8 +61,8 @@ constexpr const char* kKernelFloats = "float64, float32, float16 or bfloat16";
 // with 1 to 3 spatial dimensions.
 void check_planar_floating(const char* op, const char* name, const at::Tensor& input);
 
-// Checks input ([N, C, *spatial], floating point) and the four per-channel vectors
-// (1-D of length C, floating point, on input's device).
+// Checks input ([N, C, *spatial], a kernel float) and the four per-channel vectors
+// (1-D of length C, kernel floats, on input's device).
 void check_bn_relu_args(
     const char* op,
     const at::Tensor& input,
@@ -90,7 +90,7 @@ void check_destination(
     std::initializer_list<const at::Tensor*> read);
 
 // Checks two [C] statistics destinations for `input` (named mean and var):
-// 1-D, floating point, on input's device, not overlapping each other or input.
+// 1-D, kernel floats, on input's device, not overlapping each other or input.
 void check_stats_destinations(
     const char* op,
     const at::Tensor& input,
@@ -114,7 +114,8 @@ struct ChannelVectors {
 // A norm's vectors (a ChannelVectors: math type, contiguous) as the raw
 // pointers the CPU and CUDA kernels read, taken once per call: read through
 // the tensors per channel, they cost a 640-channel CPU call 30 µs of checked
-// data_ptr calls.
+// data_ptr calls. Each channel's affine form: cpu::Affine (kernel_common.h),
+// gpu::affine_of (bn_relu_math.cuh).
 template <typename math_t>
 struct ChannelParams {
   const math_t* mean;
@@ -145,7 +146,7 @@ bool is_math_vector(const at::Tensor& input, const at::Tensor& v);
 // itself when it already is).
 at::Tensor as_math_vector(const at::Tensor& input, const at::Tensor& v);
 
-// Checks `v` (named `name`) is a [C] floating-point vector on input's device.
+// Checks `v` (named `name`) is a [C] vector of a kernel float on input's device.
 void check_channel_vector(const char* op, const char* name, const at::Tensor& input, const at::Tensor& v);
 
 // Checks `count` is one int64 value on input's device.
