@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fused
+from ._ops import block_memory_format
 from .export import export_runs_modules
 from .fused import stem_fusable, transition_fusable
 from .modules import DenseBlock, _checked_mode
@@ -88,8 +89,15 @@ class Transition(_Switchable, nn.Sequential):
         return self.mode == "efficient" and transition_fusable(self)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.fused() and fused.runs_fused(input) and not export_runs_modules(self):
-            return fused.transition(input, self)
+        if self.fused() and not export_runs_modules(self):
+            if fused.runs_fused(input):
+                return fused.transition(input, self)
+            # The modules, laid out as the fused transition's output: ATen's
+            # CPU avg_pool3d gives channels_last_3d input a contiguous output,
+            # and the next block would then compute contiguous and copy each
+            # of a channels-last model's 3×3×3 weights, and their gradients,
+            # on every call.
+            return super().forward(input).contiguous(memory_format=block_memory_format(input))
         return super().forward(input)
 
 class DenseNetFeatures(_Switchable, nn.Sequential):

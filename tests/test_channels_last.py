@@ -268,6 +268,30 @@ def test_a_channels_last_model_copies_its_weights_no_more_than_naive(build, shap
     assert _weight_copies(ours, x) <= _weight_copies(reference, x)
 
 
+def test_under_cpu_autocast_a_channels_last_volume_model_keeps_its_blocks_channels_last():
+    """There the transitions run as modules (fused.runs_fused), and ATen's
+    avg_pool3d gives a channels_last_3d input a contiguous output: the
+    transition lays it out as its input, as the fused one does, so the
+    blocks after it compute channels last and take the model's weights as
+    they are, as the first block does."""
+    from densenet_efficient import models
+    from densenet_efficient.models import Transition
+    from densenet_efficient.modules import DenseBlock
+
+    torch.manual_seed(0)
+    model = models.DenseNet(4, (2, 2, 2), 8, spatial_dims=3).to(memory_format=torch.channels_last_3d)
+    layouts = {}
+    for name, module in model.features.named_children():
+        if isinstance(module, (DenseBlock, Transition)):
+            module.register_forward_hook(
+                lambda m, args, out, name=name: layouts.update({name: (is_channels_last(args[0]),
+                                                                        is_channels_last(out))}))
+    x = torch.randn(2, 3, 32, 32, 32)  # blocks at 8³, 4³ and 2³: channels last is not also contiguous
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x).sum().backward()
+    assert len(layouts) == 5 and all(all(pair) for pair in layouts.values()), layouts
+
+
 @pytest.mark.parametrize("build, shape", _small_models())
 @pytest.mark.parametrize("recompute", [False, True], ids=["efficient", "efficient-recompute"])
 def test_whole_model_saved_bytes_equal_nchw_and_the_model(build, shape, recompute):
