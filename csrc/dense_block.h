@@ -201,7 +201,8 @@ Tensor conv3x3(const Tensor& input, const Tensor& weight);
 // with W viewed as [C_out, C_in]. On the CPU conv1x1 and its backward run as
 // such (at::bmm, the weight shared across the batch by a zero stride; for
 // channels-last maps, whose channel rows form one [N·plane, C] matrix, one
-// at::mm over every pixel): then
+// at::mm over every pixel; for planes of under 16 values, one at::mm over
+// channel-major copies, see narrow_planes): then
 // the input gradient can go where the caller says, and no operand is copied
 // into oneDNN's layouts (for densenet121's first block at batch 16 that
 // copying tripled the backward's time and added 34 MiB of transients). On
