@@ -1,22 +1,26 @@
 """Where a CPU training step's time goes, naive against efficient, in one
-process, and how fast the efficient step could be at best.
+process, and an estimate of the fastest the efficient step could be.
 
 Times: the step and its optimizer part (medians of interleaved, unprofiled
-steps), and from torch.profiler's self times four shares of the step:
+steps), and from torch.profiler's self times (which add up to more than the
+unprofiled step: the profiler's own cost per operator) four shares of the
+step and their total:
 
 - convolutions and GEMMs: ATen's (oneDNN, MKL) calls, the same FLOPs in
   both modes;
 - per-channel work: BatchNorm, ReLU and concatenation (naive), our
-  densenet_efficient kernels and orchestration (efficient);
+  densenet_efficient operators' own time (efficient);
 - optimizer: SGD's step and zero_grad, the same in both modes;
-- the rest: pooling, the classifier, autograd and Python.
+- the rest: ATen's views, copies and allocations (inside our operators
+  too), pooling, the classifier, autograd, and Python between operators.
 
-The floor is the efficient step with its convolutions and GEMMs as they are
-(profiled: long calls, little overhead), its optimizer as timed, its
-per-channel operators moving their least bytes (each operand read or written
-once) at a streaming copy's bandwidth, and nothing else, as a fraction of the
-naive step. Each per-channel operator's least bytes ÷ its time says how far
-from that bandwidth it runs.
+The floor is the efficient step with its convolutions and GEMMs as profiled
+(long calls, which the profiler's per-operator cost barely inflates), its
+optimizer as timed, its per-channel operators moving their least bytes (each
+operand read or written once) at a streaming copy's bandwidth, and nothing
+else, as a fraction of the naive (unprofiled) step: an estimate, not a
+bound. Each per-channel operator's least bytes ÷ its time says how far from
+that bandwidth it runs.
 
     python benchmarks/step_breakdown.py --model densenet121 --input-size 128 --batch 8 --layout channels_last
     python benchmarks/step_breakdown.py --model monai:DenseNet121 --spatial-dims 3 --in-channels 1 \\
@@ -65,6 +69,8 @@ LEAST_PASSES = {
 def attribution(event) -> tuple[str | None, str]:
     """The mode whose step an operator ran in (None outside the steps) and
     which of SHARES its self time counts in."""
+    if event.name.startswith(STEP_LABEL):  # its self time: Python between operators
+        return event.name[len(STEP_LABEL):], "rest"
     mode, optimizer = None, event.name.startswith(OPTIMIZER_PREFIXES)
     ancestor = event.cpu_parent
     while ancestor is not None:
@@ -178,10 +184,11 @@ def main() -> None:
     print(f"{args.model} {'×'.join(map(str, shape))} {args.amp} {args.layout}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{'':10s} {'step ms':>8s} {'optimizer':>9s}  " + "  ".join(f"{name:>22s}" for name in SHARES)
-          + "  (profiled, ms per step)")
+          + f"  {'total':>8s}  (profiled, ms per step)")
     for mode in steps:
         print(f"{mode:10s} {step_ms[mode]:8.1f} {statistics.median(optimizer_times[mode]):9.1f}  "
-              + "  ".join(f"{shares[mode][name]:22.1f}" for name in SHARES))
+              + "  ".join(f"{shares[mode][name]:22.1f}" for name in SHARES)
+              + f"  {sum(shares[mode].values()):8.1f}")
     least_ms = sum(least_bytes.values()) / bandwidth * 1e3
     floor = (shares["efficient"]["convolutions and GEMMs"] + statistics.median(optimizer_times["efficient"])
              + least_ms)

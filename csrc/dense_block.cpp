@@ -171,10 +171,11 @@ Tensor from_channel_major(const Tensor& matrix, const Tensor& maps) {
 // MKL's products [C_out, C_in]·[C_in, plane] with planes of under 16 values
 // run at a few GFLOP/s (a MONAI 3-D block's 2³ and 1³ maps: 0.12 ms for
 // [128, 640]·[640, 8] twice, against 0.03 ms for [128, 640]·[640, 16] once),
-// so such maps go through one GEMM over all samples' pixels, their copies
-// into and out of channel-major matrices being as small as the planes.
+// so the samples' pixels go through one GEMM, their copies into and out of
+// channel-major matrices being as small as the planes. One sample is one
+// GEMM either way.
 bool narrow_planes(const Tensor& maps) {
-  return plane_size(maps) < 16;
+  return plane_size(maps) < 16 && maps.size(0) > 1;
 }
 
 // Channels-last maps [N, C, *spatial] as the matrix [N·plane, C] of their
@@ -268,16 +269,13 @@ std::tuple<Tensor, Tensor> conv1x1_backward_over_input(
     at::mm_out(input_rows, grad_output_rows, weight_matrix(weight));  // the spent input takes dx
     return {input, grad_weight};
   }
-  if (narrow_planes(input)) {  // dW = dy·xᵀ and dx = Wᵀ·dy over [C, N·plane] matrices
-    const auto grad_output_columns = channel_major(grad_output);
-    auto grad_weight = laid_out_like(
-        at::mm(grad_output_columns, channel_major(input).t()).view(weight.sizes()), weight);
+  auto grad_weight = conv1x1_weight_grad(grad_output, input, weight);
+  if (narrow_planes(input)) {  // the input is spent: it takes dx = Wᵀ·dy over [C, N·plane] matrices
     planes(input).copy_(
-        from_channel_major(at::mm(weight_matrix(weight).t(), grad_output_columns), input));
+        from_channel_major(at::mm(weight_matrix(weight).t(), channel_major(grad_output)), input));
     return {input, grad_weight};
   }
   const auto grad_output_planes = planes(grad_output);
-  auto grad_weight = conv1x1_weight_grad(grad_output, input, weight);
   // The input is spent: its storage takes the input gradient, Wᵀ·dy[n].
   auto grad_input = planes(input);
   at::bmm_out(grad_input, batched_weight(weight, input.size(0), true), grad_output_planes);

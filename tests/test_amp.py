@@ -48,15 +48,17 @@ def _assert_within_twice_naive(ours, naive, exact):
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, id="float16")])
-def test_autocast_matches_naive_accuracy(device, dtype):
+# 2×2 planes, as many values per channel: the CPU's 1×1 convolutions of narrow planes (one GEMM over all samples).
+@pytest.mark.parametrize("batch, size", [(BATCH, SIZE), (BATCH * SIZE**2 // 4, 2)], ids=["8x8", "2x2"])
+def test_autocast_matches_naive_accuracy(device, dtype, batch, size):
     if device == "cpu" and dtype == torch.float16:
         pytest.skip("CPU autocast runs bfloat16")
     ours, naive = (m.float().to(device) for m in make_pair(LAYERS, C0, K))
     exact = make_pair(LAYERS, C0, K, dtype=torch.float64)[1].to(device)
     generator = torch.Generator().manual_seed(5)
     # Inside a network under autocast a block's input comes from a conv: already low precision.
-    x = torch.randn(BATCH, C0, SIZE, SIZE, generator=generator).to(device=device, dtype=dtype)
-    grad = torch.randn(BATCH, C0 + LAYERS * K, SIZE, SIZE, generator=generator).to(device=device, dtype=dtype)
+    x = torch.randn(batch, C0, size, size, generator=generator).to(device=device, dtype=dtype)
+    grad = torch.randn(batch, C0 + LAYERS * K, size, size, generator=generator).to(device=device, dtype=dtype)
     mine = _run(ours, x, grad, dtype)
     theirs = _run(naive, x, grad, dtype)
     assert mine["output"].dtype == theirs["output"].dtype == dtype

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_breakdown.py"
 
 
@@ -18,8 +20,10 @@ def test_breaks_down_both_steps_and_sizes_the_per_channel_operators():
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in done.stdout.splitlines()
             if re.match(r"(naive|efficient) +\d", line)}
-    # step ms, optimizer ms, then the four profiled shares: all measured.
-    assert set(rows) == {"naive", "efficient"} and all(len(r) == 6 and all(v > 0 for v in r) for r in rows.values())
+    # step ms, optimizer ms, the four profiled shares and their total: all measured, every share counted.
+    assert set(rows) == {"naive", "efficient"} and all(len(r) == 7 and all(v > 0 for v in r) for r in rows.values())
+    for row in rows.values():
+        assert sum(row[2:6]) == pytest.approx(row[6], abs=0.25)
     assert re.search(r"floor [\d.]+ \+ [\d.]+ \+ [\d.]+ = [\d.]+ ms, ÷ naive [\d.]+", done.stdout), done.stdout
     for name in ("bn_relu_out", "bn_relu_backward_accumulate", "channel_stats_out"):
         assert re.search(rf"densenet_efficient::{name} +[\d.]+ ms +\d+ MB", done.stdout), done.stdout
