@@ -80,6 +80,10 @@ Tensor weight_operand(const Tensor& weight, at::MemoryFormat format) {
   return format == at::MemoryFormat::Contiguous ? contiguous_operand(weight) : weight.contiguous(format);
 }
 
+Tensor with_dtype_of(const Tensor& weight, const Tensor& like) {
+  return weight.scalar_type() == like.scalar_type() ? weight : weight.to(like.scalar_type());
+}
+
 Tensor laid_out_like(const Tensor& grad, const Tensor& weight) {
   TORCH_INTERNAL_ASSERT(grad.sizes() == weight.sizes());
   bool same_layout = true;

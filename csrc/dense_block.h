@@ -185,6 +185,11 @@ Tensor contiguous_operand(const Tensor& t);
 // a copy only where the layouts differ.
 Tensor weight_operand(const Tensor& weight, at::MemoryFormat format);
 
+// A conv weight (or its gradient) in `like`'s dtype: itself, or a cast copy
+// (a float32 weight beside half/bfloat16 maps, as autocast makes for each
+// convolution; its gradient back in float32).
+Tensor with_dtype_of(const Tensor& weight, const Tensor& like);
+
 // A weight's gradient with the weight's own strides, as the fake kernels say:
 // AccumulateGrad would copy one laid out otherwise into them. A view when
 // only size-1 dimensions' strides differ (1×1 kernels).

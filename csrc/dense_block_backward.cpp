@@ -140,6 +140,9 @@ BackwardResult dense_block_backward(
     const auto features = range_of(output, 1, 0, channels);
     const auto norm1 = norm1_normalization(block, l, stats);
     const auto norm1_out = scratch_view(scratch, maps_shape(output, channels), format);
+    // This layer's weights as the forward convolved with them.
+    const auto conv1_weight = with_dtype_of(layer.conv1_weight, output);
+    const auto conv2_weight = block.has_bottleneck() ? with_dtype_of(layer.conv2_weight, output) : Tensor();
 
     Tensor grad_norm1_out;
     if (block.has_bottleneck()) {
@@ -150,7 +153,7 @@ BackwardResult dense_block_backward(
         Tensor bottleneck;
         if (recompute) {
           apply_bn_relu(layer.norm1, norm1, features, norm1_out);
-          bottleneck = conv1x1(norm1_out, layer.conv1_weight);
+          bottleneck = conv1x1(norm1_out, conv1_weight);
         } else {
           bottleneck = bottlenecks[l];
         }
@@ -159,7 +162,7 @@ BackwardResult dense_block_backward(
         apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
         Tensor grad_norm2_out;
         std::tie(grad_norm2_out, grad_conv2_weight[l]) =
-            conv_backward(grad_new_features, norm2_out, layer.conv2_weight, 1);
+            conv_backward(grad_new_features, norm2_out, conv2_weight, 1);
         if (sync.enabled() && layer.norm2.uses_batch_stats()) {
           grad_bottleneck = empty_maps(bottleneck, bottleneck.size(1), format);
           std::tie(grad_norm2_weight[l], grad_norm2_bias[l]) = sync.bn_relu_backward(
@@ -177,11 +180,16 @@ BackwardResult dense_block_backward(
       // norm1's output is spent after this: on the CPU its scratch takes the
       // input gradient.
       std::tie(grad_norm1_out, grad_conv1_weight[l]) =
-          conv1x1_backward_over_input(grad_bottleneck, norm1_out, layer.conv1_weight);
+          conv1x1_backward_over_input(grad_bottleneck, norm1_out, conv1_weight);
     } else {
       apply_bn_relu(layer.norm1, norm1, features, norm1_out);
       std::tie(grad_norm1_out, grad_conv1_weight[l]) =
-          conv_backward(grad_new_features, norm1_out, layer.conv1_weight, 1);
+          conv_backward(grad_new_features, norm1_out, conv1_weight, 1);
+    }
+    // In the weights' own dtype, as autocast's cast hands gradients back.
+    grad_conv1_weight[l] = with_dtype_of(grad_conv1_weight[l], layer.conv1_weight);
+    if (block.has_bottleneck()) {
+      grad_conv2_weight[l] = with_dtype_of(grad_conv2_weight[l], layer.conv2_weight);
     }
     auto grad_features_in = range_of(grad_features, 1, 0, channels);
     if (sync.enabled() && layer.norm1.uses_batch_stats()) {

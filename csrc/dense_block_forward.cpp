@@ -120,7 +120,7 @@ ForwardResult dense_block_forward(
         range_of(output, 1, 0, channels), norm1_out);
     Tensor new_features, bottleneck;
     if (block.has_bottleneck()) {
-      bottleneck = conv1x1(norm1_out, layer.conv1_weight);
+      bottleneck = conv1x1(norm1_out, with_dtype_of(layer.conv1_weight, input));
       const auto norm2 = norm2_normalization(block, l, stats);
       if (layer.norm2.uses_batch_stats()) {
         ops::channel_stats_out(bottleneck, norm2.mean, norm2.var);
@@ -131,9 +131,9 @@ ForwardResult dense_block_forward(
       // norm1's output is spent: norm2's takes the scratch.
       const auto norm2_out = scratch_view(scratch, bottleneck.sizes(), format);
       apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
-      new_features = conv3x3(norm2_out, layer.conv2_weight);
+      new_features = conv3x3(norm2_out, with_dtype_of(layer.conv2_weight, input));
     } else {
-      new_features = conv3x3(norm1_out, layer.conv1_weight);
+      new_features = conv3x3(norm1_out, with_dtype_of(layer.conv1_weight, input));
     }
     if (dropout_p > 0) {
       // Drawn on the convolution's output as ATen laid it out (F.dropout

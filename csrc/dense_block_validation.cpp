@@ -15,31 +15,26 @@
 namespace densenet_efficient::block {
 namespace {
 
-// Conv weights must have the input's dtype. BatchNorm parameters may also be
-// in the input's math type (float32 next to half/bfloat16 input: mixed
-// precision, as nn.BatchNorm2d allows under autocast).
-enum class ParameterDtype { kInput, kInputOrMath };
-
+// Parameters have the input's dtype or its math type (float32 next to
+// half/bfloat16 input: mixed precision). BatchNorm computes in the math type
+// as nn.BatchNorm2d does under autocast; a float32 conv weight is cast to the
+// input's dtype one layer at a time (with_dtype_of), as autocast would cast it
+// for the convolution, and its gradient comes back in float32.
 void check_parameter(
     const char* op,
     int64_t layer,
     const char* name,
     const Tensor& t,
     at::IntArrayRef expected_shape,
-    const Tensor& input,
-    ParameterDtype allowed = ParameterDtype::kInput) {
+    const Tensor& input) {
   TORCH_CHECK_VALUE(
       t.sizes() == expected_shape, op, ": layer ", layer + 1, " ", name,
       " should have shape ", expected_shape, ", got ", t.sizes());
   const auto math = at::toOpMathType(input.scalar_type());
-  const bool dtype_ok = t.scalar_type() == input.scalar_type() ||
-      (allowed == ParameterDtype::kInputOrMath && t.scalar_type() == math);
   TORCH_CHECK_TYPE(
-      dtype_ok, op, ": layer ", layer + 1, " ", name, " has dtype ",
-      t.scalar_type(), " but the input has dtype ", input.scalar_type(),
-      allowed == ParameterDtype::kInput
-          ? "; they must share a dtype"
-          : "; expected the input's dtype or its math dtype");
+      t.scalar_type() == input.scalar_type() || t.scalar_type() == math, op, ": layer ", layer + 1, " ", name,
+      " has dtype ", t.scalar_type(), " but the input has dtype ", input.scalar_type(),
+      "; expected the input's dtype or its math dtype");
   TORCH_CHECK(
       t.device() == input.device(), op, ": layer ", layer + 1, " ", name,
       " is on ", t.device(), " but the input is on ", input.device(),
@@ -59,11 +54,9 @@ Norm make_norm(
     const Tensor& input) {
   const std::string prefix = std::string(name) + ".";
   check_parameter(
-      op, layer, (prefix + "weight").c_str(), weight, {channels}, input,
-      ParameterDtype::kInputOrMath);
+      op, layer, (prefix + "weight").c_str(), weight, {channels}, input);
   check_parameter(
-      op, layer, (prefix + "bias").c_str(), bias, {channels}, input,
-      ParameterDtype::kInputOrMath);
+      op, layer, (prefix + "bias").c_str(), bias, {channels}, input);
   TORCH_CHECK_VALUE(
       running_mean.has_value() == running_var.has_value(), op, ": layer ",
       layer + 1, " ", name,

@@ -207,8 +207,10 @@ def dense_block(
     the bottleneck activations.
 
     Under ``torch.autocast`` the block runs in the autocast dtype: the input
-    (if float32) and the convolution weights are cast to it, and the output
-    has it; BatchNorm keeps float32 parameters, statistics and arithmetic, as
+    (if float32) is cast to it, the convolutions run on copies of their
+    weights in it (made one layer at a time inside the operator, so unlike
+    autocast's casts none is kept for backward), and the output has it;
+    BatchNorm keeps float32 parameters, statistics and arithmetic, as
     ``nn.BatchNorm2d`` does under autocast. (Naive mode's ``torch.cat`` would
     promote a float32 block input back to float32; inside a network under
     autocast the input already arrives in the autocast dtype.)
@@ -236,10 +238,6 @@ def dense_block(
     )
     compute_dtype = autocast_dtype(input)
 
-    def conv_weights(convs):
-        weights = [conv.weight for conv in convs]
-        return weights if compute_dtype is None else [w.to(compute_dtype) for w in weights]
-
     if compute_dtype is not None:
         input = input.to(compute_dtype)
     # Everything is already in its dtype; autocast must not touch the
@@ -252,13 +250,13 @@ def dense_block(
             norm1_running_mean=running(norm1, "running_mean"),
             norm1_running_var=running(norm1, "running_var"),
             norm1_eps=[float(n.eps) for n in norm1],
-            conv1_weight=conv_weights(layer.conv1 for layer in modules),
+            conv1_weight=[layer.conv1.weight for layer in modules],
             norm2_weight=[n.weight for n in norm2],
             norm2_bias=[n.bias for n in norm2],
             norm2_running_mean=running(norm2, "running_mean"),
             norm2_running_var=running(norm2, "running_var"),
             norm2_eps=[float(n.eps) for n in norm2],
-            conv2_weight=conv_weights(layer.conv2 for layer in modules if bottleneck),
+            conv2_weight=[layer.conv2.weight for layer in modules if bottleneck],
             dropout_p=dropout_p,
             dropout_whole_channels=dropout_whole_channels,
             recompute_bottleneck=recompute_bottleneck,

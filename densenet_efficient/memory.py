@@ -437,7 +437,8 @@ def estimate_training_step(
     along a forward-then-backward timeline (backward frees each component's
     saved tensors as it passes them). With ``autocast_dtype`` activations are
     in that dtype and the convolution weights' low-precision copies are saved
-    too. Convolution workspaces are not included.
+    too, but for efficient blocks' (cast inside, a layer at a time).
+    Convolution workspaces are not included.
     """
     from .models import Transition
     from .modules import DenseBlock
@@ -469,7 +470,12 @@ def estimate_training_step(
     counter.save(x)
     counter.total += x.batch * x.channels * counter.itemsize
     if autocast_dtype is not None:
-        conv_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, _ConvNd))
+        # Autocast's low-precision weight copies, saved by every convolution
+        # but an efficient block's (which casts one layer at a time inside).
+        in_efficient_blocks = {id(m) for block in model.modules() if isinstance(block, DenseBlock)
+                               and block.mode == "efficient" for m in block.modules()}
+        conv_weights = sum(m.weight.numel() for m in model.modules()
+                           if isinstance(m, _ConvNd) and id(m) not in in_efficient_blocks)
         counter.total += conv_weights * counter.itemsize
     saved = counter.total
     head = saved - timeline[-1][0]

@@ -70,6 +70,31 @@ def test_autocast_matches_naive_accuracy(device, dtype, batch, size):
     _assert_within_twice_naive(mine, theirs, _run(exact, x.double(), grad.double()))
 
 
+def test_autocast_keeps_no_low_precision_weight_copies_for_backward():
+    """Autocast casts a convolution's weight on every call, and the
+    convolution saves that copy for backward: a naive block keeps one per
+    convolution. An efficient block casts a layer's weights inside its
+    operator and keeps none (it keeps the float32 parameters, there anyway)."""
+    ours, naive = (m.float() for m in make_pair(LAYERS, C0, K))
+    weight_shapes = {tuple(p.shape) for n, p in ours.named_parameters() if "conv" in n}
+    x = torch.randn(BATCH, C0, SIZE, SIZE, dtype=torch.bfloat16)
+
+    def saved_weight_copies(block) -> int:
+        copies = []
+
+        def pack(t):
+            if t.dtype == torch.bfloat16 and tuple(t.shape) in weight_shapes:
+                copies.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            block(x)
+        return len(copies)
+
+    assert saved_weight_copies(naive) == 2 * LAYERS
+    assert saved_weight_copies(ours) == 0
+
+
 def test_autocast_casts_a_float32_input():
     block = make_pair(2, 4, 2, dtype=torch.float32)[0]
     x = torch.randn(2, 4, 5, 5)

@@ -725,6 +725,16 @@ def test_opcheck_dense_block_forward(training, recompute, bn_size):
         torch.library.opcheck(ops.dense_block_forward.default, positional(ops.dense_block_forward.default, args))
 
 
+def test_opcheck_dense_block_with_float32_parameters_and_bfloat16_maps():
+    """Autocast's mix: float32 norms and conv weights beside bfloat16 maps
+    (the weights cast inside, a layer at a time; their gradients in float32)."""
+    block, _ = make_pair(2, 3, 2, bn_size=2, dtype=torch.float32)
+    x = torch.randn(2, 3, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    args = block_forward_arguments(block, x)
+    torch.library.opcheck(ops.dense_block_forward.default, positional(ops.dense_block_forward.default, args))
+    opcheck_block_backward(args)
+
+
 @pytest.mark.parametrize("whole_channels", [False, True], ids=["values", "whole-channels"])
 def test_opcheck_dense_block_forward_with_dropout(whole_channels):
     # Random masks differ between the eager and compiled runs that
