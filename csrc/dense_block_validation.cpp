@@ -34,7 +34,8 @@ void check_parameter(
   TORCH_CHECK_TYPE(
       t.scalar_type() == input.scalar_type() || t.scalar_type() == math, op, ": layer ", layer + 1, " ", name,
       " has dtype ", t.scalar_type(), " but the input has dtype ", input.scalar_type(),
-      "; expected the input's dtype or its math dtype");
+      "; expected ", input.scalar_type(), math == input.scalar_type() ? "" : " or ",
+      math == input.scalar_type() ? std::string() : std::string(c10::toString(math)));
   TORCH_CHECK(
       t.device() == input.device(), op, ": layer ", layer + 1, " ", name,
       " is on ", t.device(), " but the input is on ", input.device(),

@@ -145,11 +145,23 @@ def _check_input(input: Tensor, named: list[tuple[str, nn.Module]]) -> None:
             f"(num_input_features), got {input.shape[1]} (input shape {tuple(input.shape)})"
         )
     weight = first.conv1.weight
-    if input.dtype != weight.dtype and autocast_dtype(input) is None:
-        raise TypeError(
-            f"dense block: expected input of dtype {weight.dtype} (the parameters' dtype), "
-            f"got {input.dtype}"
-        )
+    if autocast_dtype(input) is None:
+        # Outside autocast the convolutions take the input's dtype, as naive
+        # mode's would (the operator also takes float32 weights beside
+        # half/bfloat16 maps, for autocast).
+        if input.dtype != weight.dtype:
+            raise TypeError(
+                f"dense block: expected input of dtype {weight.dtype} (the parameters' dtype), "
+                f"got {input.dtype}"
+            )
+        for name, layer in named:
+            for conv in ("conv1", "conv2"):
+                conv_weight = getattr(getattr(layer, conv, None), "weight", None)
+                if conv_weight is not None and conv_weight.dtype != input.dtype:
+                    raise TypeError(
+                        f"dense block: {name}.{conv}.weight has dtype {conv_weight.dtype} but the input "
+                        f"has dtype {input.dtype}; outside autocast they must share it"
+                    )
     if input.device != weight.device:
         raise RuntimeError(
             f"dense block: expected all tensors on the same device: the input is on "

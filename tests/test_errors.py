@@ -64,6 +64,17 @@ def test_dtype_different_from_parameters(block):
     rejected(block, x, TypeError, r"expected input of dtype torch.float64 \(the parameters' dtype\), got torch.float32")
 
 
+def test_a_layer_in_another_dtype_outside_autocast():
+    """Outside autocast every convolution takes the input's dtype, as naive
+    mode's must: a bfloat16 block cast only in part is refused, naming the
+    layer (the operator itself takes float32 weights beside bfloat16 maps,
+    for autocast)."""
+    block = make_pair(3, 5, 2, mode="efficient", dtype=torch.bfloat16)[0]
+    block.denselayer2.conv2.float()
+    rejected(block, torch.randn(2, 5, 4, 4, dtype=torch.bfloat16), TypeError,
+             r"denselayer2\.conv2\.weight has dtype torch.float32 but the input has dtype torch.bfloat16")
+
+
 def test_tensors_on_different_devices(block):
     x = torch.randn(2, 5, 4, 4, dtype=torch.float64, device="meta")
     rejected(
