@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import ctypes
 import statistics
 import time
 
@@ -39,6 +38,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from densenet_efficient import builders
+from densenet_efficient.bench import _usual_malloc
 from densenet_efficient.bench_configs import PRECISIONS, layout_of
 
 LIBRARY_COMPUTE = {
@@ -115,10 +115,7 @@ def main() -> None:
     if args.steps < 1 or args.profiled_steps < 1:
         parser.error(f"--steps and --profiled-steps must be at least 1, got {args.steps} and {args.profiled_steps}")
 
-    # glibc's settled thresholds, as the bench's timed steps run under.
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD
-    libc.mallopt(-1, 64 * 2**20)  # M_TRIM_THRESHOLD
+    _usual_malloc()  # glibc's settled thresholds, as the bench's timed steps run under
     config = {"spatial_dims": args.spatial_dims, "in_channels": args.in_channels, "layout": args.layout}
     memory_format = layout_of(config)
     autocast_dtype = PRECISIONS[args.amp] and getattr(torch, PRECISIONS[args.amp])
