@@ -14,6 +14,13 @@ step and their total:
 - the rest: ATen's views, copies and allocations (inside our operators
   too), pooling, the classifier, autograd, and Python between operators.
 
+The shares come from a profile without record_shapes: with it the profiler
+holds every operator's tensors until it stops, so no allocation reuses
+freed memory and each operator that first writes a fresh output pays its
+page faults (about 1 ms per 4 MB here; a densenet121 step took some 50×
+the faults). The operators' shapes, for their bytes, come from one more
+profiled step each that records them.
+
 The floor is the efficient step with its convolutions and GEMMs as profiled
 (long calls, which the profiler's per-operator cost barely inflates), its
 optimizer as timed, its per-channel operators moving their least bytes (each
@@ -156,26 +163,31 @@ def main() -> None:
             times[mode].append((time.perf_counter() - start) * 1e3)
     bandwidth = streaming_copy_bandwidth()
 
-    # Profiled alternately too, each step under its mode's label.
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(args.profiled_steps):
-            for mode, step in steps.items():
-                with record_function(STEP_LABEL + mode):
-                    step()
+    def profiled(profiled_steps: int, record_shapes: bool):
+        """The events of profiled steps, the modes taking turns, each step under its mode's label."""
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=record_shapes) as prof:
+            for _ in range(profiled_steps):
+                for mode, step in steps.items():
+                    with record_function(STEP_LABEL + mode):
+                        step()
+        return prof.events()
+
     shares = {mode: collections.Counter() for mode in steps}
-    least_bytes, per_channel_ms = collections.Counter(), collections.Counter()
-    for event in prof.events():
+    per_channel_ms = collections.Counter()
+    for event in profiled(args.profiled_steps, record_shapes=False):
         mode, share = attribution(event)
         if mode is None:
             continue
         shares[mode][share] += event.self_cpu_time_total / 1e3 / args.profiled_steps
-        passes = LEAST_PASSES.get(event.name)
-        if passes and mode == "efficient":
+        if event.name in LEAST_PASSES and mode == "efficient":
+            per_channel_ms[event.name] += event.self_cpu_time_total / 1e3 / args.profiled_steps
+    least_bytes = collections.Counter()
+    for event in profiled(1, record_shapes=True):
+        if event.name in LEAST_PASSES and attribution(event)[0] == "efficient":
             numel = 1
             for size in event.input_shapes[0]:
                 numel *= size
-            least_bytes[event.name] += passes * numel * ELEMENT_SIZES[event.input_dtypes[0]] / args.profiled_steps
-            per_channel_ms[event.name] += event.self_cpu_time_total / 1e3 / args.profiled_steps
+            least_bytes[event.name] += LEAST_PASSES[event.name] * numel * ELEMENT_SIZES[event.input_dtypes[0]]
 
     step_ms = {mode: statistics.median(times[mode]) for mode in steps}
     print(f"{args.model} {'×'.join(map(str, shape))} {args.amp} {args.layout}, torch {torch.__version__}, "
