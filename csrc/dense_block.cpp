@@ -80,12 +80,29 @@ Tensor weight_operand(const Tensor& weight, at::MemoryFormat format) {
   return format == at::MemoryFormat::Contiguous ? contiguous_operand(weight) : weight.contiguous(format);
 }
 
+namespace {
+// The weight a block's convolution over `input` takes. Maps of one pixel
+// are contiguous and channels last at once, so either layout of the weight
+// computes the same memory; on the CPU oneDNN then takes the weight as it
+// is (a channels-last model's deepest blocks at 1×1 or 1³: every k×k weight
+// and its gradient were copied each step).
+Tensor conv_weight_for(const Tensor& weight, const Tensor& input) {
+  if (input.is_cpu() && plane_size(input) == 1) {
+    return weight;
+  }
+  return weight_operand(weight, input.suggest_memory_format());
+}
+} // namespace
+
 Tensor with_dtype_of(const Tensor& weight, const Tensor& like) {
   return weight.scalar_type() == like.scalar_type() ? weight : weight.to(like.scalar_type());
 }
 
 Tensor laid_out_like(const Tensor& grad, const Tensor& weight) {
   TORCH_INTERNAL_ASSERT(grad.sizes() == weight.sizes());
+  if (grad.strides() == weight.strides()) {
+    return grad;
+  }
   bool same_layout = true;
   for (int64_t d = 0; d < grad.dim(); ++d) {
     same_layout = same_layout && (grad.size(d) == 1 || grad.stride(d) == weight.stride(d));
@@ -144,7 +161,7 @@ std::vector<int64_t> per_spatial_dim(const Tensor& input, int64_t value) {
 // around it (one more dispatcher call each).
 Tensor convolution(const Tensor& input, const Tensor& weight, int64_t padding) {
   return at::convolution(
-      input, weight_operand(weight, input.suggest_memory_format()), /*bias=*/std::nullopt,
+      input, conv_weight_for(weight, input), /*bias=*/std::nullopt,
       /*stride=*/per_spatial_dim(input, 1),
       /*padding=*/per_spatial_dim(input, padding), /*dilation=*/per_spatial_dim(input, 1),
       /*transposed=*/false, /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1);
@@ -296,7 +313,7 @@ std::tuple<Tensor, Tensor> conv_backward(
     const Tensor& weight,
     int64_t padding) {
   auto [grad_input, grad_weight, unused_grad_bias] = at::convolution_backward(
-      grad_output, input, weight_operand(weight, input.suggest_memory_format()), /*bias_sizes=*/std::nullopt,
+      grad_output, input, conv_weight_for(weight, input), /*bias_sizes=*/std::nullopt,
       /*stride=*/per_spatial_dim(input, 1), /*padding=*/per_spatial_dim(input, padding),
       /*dilation=*/per_spatial_dim(input, 1), /*transposed=*/false,
       /*output_padding=*/per_spatial_dim(input, 0), /*groups=*/1,

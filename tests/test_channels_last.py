@@ -214,6 +214,10 @@ def _small_models():
         pytest.param(lambda **k: models.densenet_bc(16, 6, **k), (2, 3, 16, 16), id="densenet-bc-16-6"),
         pytest.param(lambda **k: models.DenseNet(4, (2, 2), 8, spatial_dims=3, **k), (2, 3, 16, 16, 16),
                      id="3d"),
+        # The last block's maps are one pixel, contiguous and channels last at once.
+        pytest.param(lambda **k: models.DenseNet(4, (2, 2), 8, **k), (2, 3, 8, 8), id="one-pixel"),
+        pytest.param(lambda **k: models.DenseNet(4, (2, 2), 8, spatial_dims=3, **k), (2, 3, 8, 8, 8),
+                     id="3d-one-voxel"),
     ]
 
 
