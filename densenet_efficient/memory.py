@@ -436,9 +436,11 @@ def estimate_training_step(
     exactly as ``model_saved_bytes`` counts them, plus the largest transient
     along a forward-then-backward timeline (backward frees each component's
     saved tensors as it passes them). With ``autocast_dtype`` activations are
-    in that dtype and the convolution weights' low-precision copies are saved
-    too, but for efficient blocks' (cast inside, a layer at a time).
-    Convolution workspaces are not included.
+    in that dtype and the low-precision copies of the convolution and
+    classifier weights are saved too, but for efficient blocks' (cast inside,
+    a layer at a time) and checkpointed layers' 1×1 convolutions (run again).
+    Not followed: CPU autocast's float32 3-D pooling, whose float32 outputs
+    the layers after it then save. Convolution workspaces are not included.
     """
     from .models import Transition
     from .modules import DenseBlock
@@ -471,12 +473,18 @@ def estimate_training_step(
     counter.total += x.batch * x.channels * counter.itemsize
     if autocast_dtype is not None:
         # Autocast's low-precision weight copies, saved by every convolution
-        # but an efficient block's (which casts one layer at a time inside).
-        in_efficient_blocks = {id(m) for block in model.modules() if isinstance(block, DenseBlock)
-                               and block.mode == "efficient" for m in block.modules()}
-        conv_weights = sum(m.weight.numel() for m in model.modules()
-                           if isinstance(m, _ConvNd) and id(m) not in in_efficient_blocks)
-        counter.total += conv_weights * counter.itemsize
+        # and by the classifier, but not by an efficient block's convolutions
+        # (it casts one layer at a time inside) nor by the 1×1 convolutions
+        # that checkpointed layers run again in backward.
+        unsaved = set()
+        for block in model.modules():
+            if isinstance(block, DenseBlock) and block.mode == "efficient":
+                unsaved.update(id(m) for m in block.modules())
+            elif isinstance(block, DenseBlock) and block.mode == "checkpoint":
+                unsaved.update(id(layer.conv1) for layer in block.values())
+        cast_weights = sum(m.weight.numel() for m in model.modules()
+                           if isinstance(m, (_ConvNd, nn.Linear)) and id(m) not in unsaved)
+        counter.total += cast_weights * counter.itemsize
     saved = counter.total
     head = saved - timeline[-1][0]
     forward_peak = max(so_far + transient for so_far, transient, _ in timeline)

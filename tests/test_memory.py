@@ -148,6 +148,28 @@ def test_whole_model_saved_bytes_float64_and_mixed_modes():
     assert measured == model_saved_bytes(model, (2, 3, 32, 32), dtype=torch.float64)
 
 
+@pytest.mark.parametrize("mode", ["naive", "checkpoint", "efficient"])
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (2, 3, 64)], ids=["2d", "1d"])
+def test_autocast_saved_bytes_estimate_equals_the_model(mode, shape):
+    """Under autocast the estimate counts the classifier's bfloat16 weight
+    copy (it was left out) and no copy of a checkpointed layer's 1×1 weight
+    (run again in backward; it was counted)."""
+    from densenet_efficient import models
+    from densenet_efficient.memory import estimate_training_step
+
+    torch.manual_seed(0)
+    model = models.DenseNet(8, (2, 3, 2), 16, spatial_dims=len(shape) - 2, mode=mode)
+    x = torch.randn(shape)
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+
+    _, measured = saved_tensor_bytes(forward, ignore=[*model.parameters(), *model.buffers()])
+    estimate = estimate_training_step(model, shape, autocast_dtype=torch.bfloat16, device_type="cpu")
+    assert estimate.saved == measured
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_synchronised_backward_allocates_no_more_than_the_plain_one(one_rank_world, dtype):
     """Synchronised BatchNorm all-reduces two per-channel sums between the
