@@ -94,6 +94,16 @@ Tensor conv_weight_for(const Tensor& weight, const Tensor& input) {
 }
 } // namespace
 
+bool is_parameter_dtype(at::ScalarType dtype, const Tensor& input) {
+  return dtype == input.scalar_type() || dtype == at::toOpMathType(input.scalar_type());
+}
+
+std::string parameter_dtypes(const Tensor& input) {
+  const auto math = at::toOpMathType(input.scalar_type());
+  std::string dtypes = c10::toString(input.scalar_type());
+  return math == input.scalar_type() ? dtypes : dtypes + " or " + c10::toString(math);
+}
+
 Tensor with_dtype_of(const Tensor& weight, const Tensor& like) {
   return weight.scalar_type() == like.scalar_type() ? weight : weight.to(like.scalar_type());
 }

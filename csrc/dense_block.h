@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -184,6 +185,12 @@ Tensor contiguous_operand(const Tensor& t);
 // seven copies per layer a step). contiguous_operand for a contiguous input;
 // a copy only where the layouts differ.
 Tensor weight_operand(const Tensor& weight, at::MemoryFormat format);
+
+// Whether a parameter (a norm's affine vectors, a conv weight) may have
+// `dtype` beside `input`: the input's dtype, or its math type (float32
+// beside half/bfloat16 maps: mixed precision); and those dtypes, for errors.
+bool is_parameter_dtype(at::ScalarType dtype, const Tensor& input);
+std::string parameter_dtypes(const Tensor& input);
 
 // A conv weight (or its gradient) in `like`'s dtype: itself, or a cast copy
 // (a float32 weight beside half/bfloat16 maps, as autocast makes for each

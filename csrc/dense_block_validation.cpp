@@ -30,12 +30,9 @@ void check_parameter(
   TORCH_CHECK_VALUE(
       t.sizes() == expected_shape, op, ": layer ", layer + 1, " ", name,
       " should have shape ", expected_shape, ", got ", t.sizes());
-  const auto math = at::toOpMathType(input.scalar_type());
   TORCH_CHECK_TYPE(
-      t.scalar_type() == input.scalar_type() || t.scalar_type() == math, op, ": layer ", layer + 1, " ", name,
-      " has dtype ", t.scalar_type(), " but the input has dtype ", input.scalar_type(),
-      "; expected ", input.scalar_type(), math == input.scalar_type() ? "" : " or ",
-      math == input.scalar_type() ? std::string() : std::string(c10::toString(math)));
+      is_parameter_dtype(t.scalar_type(), input), op, ": layer ", layer + 1, " ", name, " has dtype ",
+      t.scalar_type(), " but the input has dtype ", input.scalar_type(), "; expected ", parameter_dtypes(input));
   TORCH_CHECK(
       t.device() == input.device(), op, ": layer ", layer + 1, " ", name,
       " is on ", t.device(), " but the input is on ", input.device(),

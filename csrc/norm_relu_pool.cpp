@@ -244,6 +244,16 @@ NormStats saved_stats(
   return {batch_mean, batch_var, true};
 }
 
+// A transition's or stem's conv weight beside its input: the input's dtype,
+// or float32 beside half/bfloat16 maps (autocast), cast for each call as a
+// block casts its layers' (with_dtype_of); its gradient comes back in it.
+void check_conv_weight_dtype(const char* op, const Tensor& input, const Tensor& conv_weight) {
+  TORCH_CHECK_TYPE(
+      is_parameter_dtype(conv_weight.scalar_type(), input), op, ": the conv weight has dtype ",
+      conv_weight.scalar_type(), " but the input has dtype ", input.scalar_type(), "; expected ",
+      parameter_dtypes(input));
+}
+
 // --- transition -------------------------------------------------------------
 
 void check_transition_conv(const char* op, const Tensor& input, const Tensor& conv_weight) {
@@ -253,9 +263,7 @@ void check_transition_conv(const char* op, const Tensor& input, const Tensor& co
   TORCH_CHECK_VALUE(
       conv_weight.sizes() == at::IntArrayRef(expected), op, ": expected a 1×1 conv weight of shape [out, ",
       input.size(1), ", 1, ...] (", input.dim(), "-D, like the input), got ", conv_weight.sizes());
-  TORCH_CHECK_TYPE(
-      conv_weight.scalar_type() == input.scalar_type(), op, ": the conv weight has dtype ",
-      conv_weight.scalar_type(), " but the input has dtype ", input.scalar_type());
+  check_conv_weight_dtype(op, input, conv_weight);
 }
 
 // The pooled BN-ReLU output in the transition's memory format (ATen's CPU
@@ -282,7 +290,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_forward(
   const auto pooled = pooled_in(format, bn_relu(input, stats, weight, bias, eps));
   auto [mean, var] = returned_stats(input, stats);
   // In that format whatever the weight's layout, as the fake kernel says.
-  return {conv1x1(pooled, conv_weight).contiguous(format), mean, var, values_per_channel_tensor(input)};
+  return {conv1x1(pooled, with_dtype_of(conv_weight, pooled)).contiguous(format), mean, var,
+          values_per_channel_tensor(input)};
 }
 
 // With z = relu(bn(x)) and y = conv(pool(z)): dW = conv's weight gradient at
@@ -315,12 +324,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
         op, ": grad_output has shape ", grad_output.sizes(), ", expected that of the output");
     Tensor grad_pooled;
     std::tie(grad_pooled, grad_conv_weight) =
-        conv1x1_backward_over_input(grad_output.contiguous(format), pooled, conv_weight);
+        conv1x1_backward_over_input(grad_output.contiguous(format), pooled, with_dtype_of(conv_weight, pooled));
     grad_normalized = avg_pool_backward(grad_pooled, input);
   }
   auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
       grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
-  return {grad_input.contiguous(format), grad_weight, grad_bias, grad_conv_weight};
+  return {grad_input.contiguous(format), grad_weight, grad_bias,
+          laid_out_like(with_dtype_of(grad_conv_weight, conv_weight), conv_weight)};
 }
 
 // --- stem ---------------------------------------------------------------------
@@ -343,6 +353,7 @@ StemConv checked_stem_conv(
       conv_weight.dim() == image.dim() && conv_weight.size(1) == image.size(1), op,
       ": expected a conv0 weight [out, ", image.size(1), ", *kernel] of ", image.dim(), " dimensions, got ",
       conv_weight.sizes());
+  check_conv_weight_dtype(op, image, conv_weight);
   TORCH_CHECK_VALUE(
       static_cast<int64_t>(stride.size()) == dims && static_cast<int64_t>(padding.size()) == dims, op,
       ": expected conv0's stride and padding with one value per spatial dimension (", dims, "), got ",
@@ -365,7 +376,8 @@ at::MemoryFormat stem_memory_format(const Tensor& image, const Tensor& weight) {
 // copying the image (a few channels) is cheaper than copying conv0's output.
 Tensor stem_conv(const Tensor& image, const Tensor& weight, const StemConv& c, at::MemoryFormat format) {
   return at::convolution(
-             image.contiguous(format), weight_operand(weight, format), std::nullopt, c.stride, c.padding, c.dilation,
+             image.contiguous(format), weight_operand(with_dtype_of(weight, image), format), std::nullopt, c.stride,
+             c.padding, c.dilation,
              false, c.output_padding, 1)
       .contiguous(format);
 }
@@ -469,11 +481,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_backward(
   }  // conv0's output, made again, is no longer needed: only the image is
   // The operands as in forward; the gradients in their layouts, as the fake kernel says.
   auto [grad_image, grad_conv_weight, unused_grad_bias] = at::convolution_backward(
-      grad_input, image.contiguous(format), weight_operand(conv_weight, format), std::nullopt, conv.stride, conv.padding,
-      conv.dilation, false, conv.output_padding, 1, {image_grad, true, false});
+      grad_input, image.contiguous(format), weight_operand(with_dtype_of(conv_weight, image), format), std::nullopt,
+      conv.stride, conv.padding, conv.dilation, false, conv.output_padding, 1, {image_grad, true, false});
   // Not asked for: an empty tensor (a schema's Tensor is never undefined).
   grad_image = grad_image.defined() ? grad_image.contiguous(format) : at::empty({0}, image.options());
-  return {grad_image, laid_out_like(grad_conv_weight, conv_weight), grad_weight, grad_bias};
+  return {grad_image, laid_out_like(with_dtype_of(grad_conv_weight, conv_weight), conv_weight), grad_weight,
+          grad_bias};
 }
 
 } // namespace

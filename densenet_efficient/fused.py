@@ -82,13 +82,21 @@ def stem_fusable(conv: nn.Module, norm: nn.Module, relu: nn.Module, pool: nn.Mod
     )
 
 
-def _in_autocast_dtype(input: Tensor, conv_weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Input and convolution weight in the dtype autocast would run the
-    convolution in (as they are without autocast)."""
+def _in_autocast_dtype(what: str, input: Tensor, conv_weight: Tensor) -> Tensor:
+    """The input in the dtype autocast would run the convolution in. The
+    operators cast a float32 conv weight to the input's dtype themselves, in
+    forward and again in backward, so no low-precision copy of it is kept
+    for backward. Outside autocast the convolution takes the input's dtype,
+    as the modules' would."""
     compute_dtype = autocast_dtype(input)
-    if compute_dtype is None:
-        return input, conv_weight
-    return input.to(compute_dtype), conv_weight.to(compute_dtype)
+    if compute_dtype is not None:
+        return input.to(compute_dtype)
+    if conv_weight.dtype != input.dtype:
+        raise TypeError(
+            f"{what}: the conv weight has dtype {conv_weight.dtype} but the input has dtype {input.dtype}; "
+            "outside autocast they must share it"
+        )
+    return input
 
 
 def _running_stats(norm: nn.Module) -> list[Tensor]:
@@ -145,10 +153,10 @@ def transition(input: Tensor, transition: nn.Module) -> Tensor:
     norm, conv = transition.norm, transition.conv
     _check_input("transition", input, norm)
     require_kernels_for(input.device)
-    input, conv_weight = _in_autocast_dtype(input, conv.weight)
+    input = _in_autocast_dtype("transition", input, conv.weight)
     with torch.autocast(input.device.type, enabled=False):
         output, batch_mean, batch_var, count = ops.transition_forward(
-            input, norm.weight, norm.bias, _running_stats(norm), float(norm.eps), conv_weight
+            input, norm.weight, norm.bias, _running_stats(norm), float(norm.eps), conv.weight
         )
     _update_running_stats(norm, batch_mean, batch_var, count)
     return output
@@ -165,12 +173,12 @@ def stem(input: Tensor, conv: nn.Module, norm: nn.Module, pool: nn.Module) -> Te
             f"{type(conv).__name__}), got shape {tuple(input.shape)}"
         )
     require_kernels_for(input.device)
-    input, conv_weight = _in_autocast_dtype(input, conv.weight)
+    input = _in_autocast_dtype("stem", input, conv.weight)
     kernel = per_dim(pool.kernel_size, dims)
     stride = per_dim(pool.stride if pool.stride is not None else pool.kernel_size, dims)
     with torch.autocast(input.device.type, enabled=False):
         output, batch_mean, batch_var, count = ops.stem_forward(
-            input, conv_weight, list(conv.stride), list(conv.padding), norm.weight, norm.bias, _running_stats(norm),
+            input, conv.weight, list(conv.stride), list(conv.padding), norm.weight, norm.bias, _running_stats(norm),
             float(norm.eps), kernel, stride, per_dim(pool.padding, dims),
         )
     _update_running_stats(norm, batch_mean, batch_var, count)

@@ -437,8 +437,9 @@ def estimate_training_step(
     along a forward-then-backward timeline (backward frees each component's
     saved tensors as it passes them). With ``autocast_dtype`` activations are
     in that dtype and the low-precision copies of the convolution and
-    classifier weights are saved too, but for efficient blocks' (cast inside,
-    a layer at a time) and checkpointed layers' 1×1 convolutions (run again).
+    classifier weights are saved too, but for efficient blocks' and fused
+    stems' and transitions' (cast inside) and checkpointed layers' 1×1
+    convolutions (run again).
     Not followed: CPU autocast's float32 3-D pooling, whose float32 outputs
     the layers after it then save. Convolution workspaces are not included.
     """
@@ -452,6 +453,7 @@ def estimate_training_step(
     counter = _SavedBytes(activation_dtype, model.training, device_type)
     x = _input(input_shape)
     timeline = []  # (saved so far, forward transient, backward transient) per component
+    fused_convs = set()  # a fused stem's or transition's convolution casts its weight inside, as blocks do
     for stage in _stages(model.features):
         x_in = x
         x = counter.stage(stage, x)
@@ -463,7 +465,9 @@ def estimate_training_step(
             full = x_in.batch * conv.out_channels * _numel(
                 _window_output(x_in, conv.kernel_size, conv.stride, conv.padding)) * counter.itemsize
             forward, backward = 2 * full, 3 * full
+            fused_convs.add(id(conv))
         elif isinstance(stage[0], Transition) and stage[0].fused():
+            fused_convs.add(id(stage[0].conv))
             # Forward: the BatchNorm-ReLU output beside the pooled one; backward: its gradient and the input's.
             forward, backward = largest + x.numel() * counter.itemsize, 2 * largest + x.numel() * counter.itemsize
         else:
@@ -473,10 +477,11 @@ def estimate_training_step(
     counter.total += x.batch * x.channels * counter.itemsize
     if autocast_dtype is not None:
         # Autocast's low-precision weight copies, saved by every convolution
-        # and by the classifier, but not by an efficient block's convolutions
-        # (it casts one layer at a time inside) nor by the 1×1 convolutions
-        # that checkpointed layers run again in backward.
-        unsaved = set()
+        # and by the classifier, but not by an efficient block's or a fused
+        # stem's or transition's convolutions (cast inside, in forward and
+        # again in backward) nor by the 1×1 convolutions that checkpointed
+        # layers run again in backward.
+        unsaved = set(fused_convs)
         for block in model.modules():
             if isinstance(block, DenseBlock) and block.mode == "efficient":
                 unsaved.update(id(m) for m in block.modules())

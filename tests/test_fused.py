@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICES, assert_results_close, randomize_norms, step_results
+from conftest import DEVICES, assert_results_close, randomize_norms, rel_error, step_results
 from densenet_efficient import models
 from densenet_efficient._ops import ops
 from densenet_efficient.fused import stem_fusable, transition_fusable
@@ -143,6 +143,48 @@ def test_opcheck_transition_and_stem_ops():
                                   (torch.randn_like(output), image, conv0, *stem_args, mean, var, image_grad))
 
 
+def test_opcheck_transition_and_stem_ops_with_float32_parameters_and_bfloat16_maps():
+    """Autocast's mix: float32 norms and conv weights beside bfloat16 maps
+    (the weights cast inside; their gradients in float32)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, generator=generator).bfloat16()
+    weight, bias, conv = torch.rand(4) + 0.5, torch.randn(4), torch.randn(2, 4, 1, 1)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, conv)]
+    torch.library.opcheck(ops.transition_forward.default, (*leaves[:3], [], 1e-5, leaves[3]))
+    output, mean, var, _ = ops.transition_forward(x, weight, bias, [], 1e-5, conv)
+    grads = ops.transition_backward(torch.randn_like(output), x, weight, bias, [], 1e-5, conv, mean, var)
+    assert output.dtype == torch.bfloat16 and grads[3].dtype == torch.float32
+    torch.library.opcheck(ops.transition_backward.default,
+                          (torch.randn_like(output), x, weight, bias, [], 1e-5, conv, mean, var))
+    image = torch.randn(2, 3, 9, 8, generator=generator).bfloat16()
+    conv0 = torch.randn(4, 3, 3, 3)
+    stem_args = ([2, 2], [1, 1], weight, bias, [], 1e-5, [3, 3], [2, 2], [1, 1])
+    torch.library.opcheck(ops.stem_forward.default, (image.clone().requires_grad_(), conv0.clone().requires_grad_(),
+                                                     *stem_args))
+    output, mean, var, _ = ops.stem_forward(image, conv0, *stem_args)
+    assert ops.stem_backward(torch.randn_like(output), image, conv0, *stem_args, mean, var, True)[1].dtype == torch.float32
+    torch.library.opcheck(ops.stem_backward.default,
+                          (torch.randn_like(output), image, conv0, *stem_args, mean, var, True))
+
+
+def test_a_conv_weight_in_another_dtype_is_refused():
+    """The operators take the input's dtype or, beside half/bfloat16 maps,
+    float32 (autocast); outside autocast the modules take only the input's."""
+    x = torch.randn(2, 4, 6, 6)
+    weight, bias, conv = torch.rand(4) + 0.5, torch.randn(4), torch.randn(2, 4, 1, 1, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"transition_forward: the conv weight has dtype Double but the input has "
+                                        r"dtype Float; expected Float$"):
+        ops.transition_forward(x, weight, bias, [], 1e-5, conv)
+    stem_args = ([2, 2], [1, 1], weight, bias, [], 1e-5, [3, 3], [2, 2], [1, 1])
+    with pytest.raises(TypeError, match=r"stem_forward: the conv weight has dtype Double but the input has dtype "
+                                        r"BFloat16; expected BFloat16 or Float"):
+        ops.stem_forward(torch.randn(2, 3, 9, 8).bfloat16(), torch.randn(4, 3, 3, 3).double(), *stem_args)
+    transition = _transition(2, channels=4).float()
+    with pytest.raises(TypeError, match=r"transition: the conv weight has dtype torch.float32 but the input has "
+                                        r"dtype torch.bfloat16; outside autocast they must share it"):
+        transition(x.bfloat16())
+
+
 def test_bad_input_is_refused_before_running_statistics_change():
     module = _transition(2)
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -246,6 +288,47 @@ def test_backward_hooks_on_the_parts_or_global_hooks_make_them_run_unfused():
     finally:
         handle.remove()
     assert _transition(2).fused() and [len(stage) for stage in _stem(2).stages()] == [4]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_under_autocast_the_fused_stem_and_transition_cast_their_weights_inside(device):
+    """Their float32 conv weights are cast inside the operators, in forward
+    and again in backward, as a block's are: no bfloat16 copy is saved for
+    backward (the modules save one per convolution), the weight gradients
+    come back in float32, and the results are within twice the modules'
+    error of float64 ones."""
+    features = nn.Sequential(_stem(2), _transition(2, channels=4, out=3)).float().to(device)
+    modules = copy.deepcopy(features)
+    for part in modules:
+        part.mode = "naive"
+    exact = copy.deepcopy(modules).double()
+    shapes = {tuple(p.shape) for name, p in features.named_parameters() if "conv" in name}
+    image = torch.randn(3, 2, 20, 18, generator=torch.Generator().manual_seed(5)).to(device)
+
+    def run(model, x):
+        copies = []
+
+        def pack(t):
+            if t.dtype == torch.bfloat16 and tuple(t.shape) in shapes:
+                copies.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast(device, dtype=torch.bfloat16, enabled=x.dtype != torch.float64):
+            output = model(x)
+        output.float().square().sum().backward()
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        return output, grads, len(copies)
+
+    output, grads, copies = run(features, image)
+    their_output, their_grads, their_copies = run(modules, image)
+    exact_output, exact_grads, _ = run(exact, image.double())
+    assert (copies, their_copies) == (0, 2)
+    assert output.dtype == their_output.dtype == torch.bfloat16
+    assert rel_error(output, exact_output) <= 2 * rel_error(their_output, exact_output) + 1e-3
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        assert rel_error(grad, exact_grads[name]) <= 2 * rel_error(their_grads[name], exact_grads[name]) + 1e-3, name
 
 
 def test_3d_stretches_under_cpu_autocast_run_their_modules():
