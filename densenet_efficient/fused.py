@@ -94,7 +94,7 @@ def _in_autocast_dtype(what: str, input: Tensor, conv_weight: Tensor) -> Tensor:
     if conv_weight.dtype != input.dtype:
         raise TypeError(
             f"{what}: the conv weight has dtype {conv_weight.dtype} but the input has dtype {input.dtype}; "
-            "outside autocast they must share it"
+            "outside autocast (which leaves float64 alone) they must share it"
         )
     return input
 

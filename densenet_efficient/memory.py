@@ -438,10 +438,10 @@ def estimate_training_step(
     saved tensors as it passes them). With ``autocast_dtype`` activations are
     in that dtype and the low-precision copies of the convolution and
     classifier weights are saved too, but for efficient blocks' and fused
-    stems' and transitions' (cast inside) and checkpointed layers' 1×1
-    convolutions (run again).
-    Not followed: CPU autocast's float32 3-D pooling, whose float32 outputs
-    the layers after it then save. Convolution workspaces are not included.
+    stems' and transitions' (cast inside) and checkpointed layers' first
+    convolutions (run again; their copies count at the end of the forward,
+    in autocast's cache). Not followed: CPU autocast's float32 3-D pooling,
+    whose float32 outputs the layers after it then save. Convolution workspaces are not included.
     """
     from .models import Transition
     from .modules import DenseBlock
@@ -453,7 +453,7 @@ def estimate_training_step(
     counter = _SavedBytes(activation_dtype, model.training, device_type)
     x = _input(input_shape)
     timeline = []  # (saved so far, forward transient, backward transient) per component
-    fused_convs = set()  # a fused stem's or transition's convolution casts its weight inside, as blocks do
+    fused_stem_convs = set()
     for stage in _stages(model.features):
         x_in = x
         x = counter.stage(stage, x)
@@ -465,9 +465,8 @@ def estimate_training_step(
             full = x_in.batch * conv.out_channels * _numel(
                 _window_output(x_in, conv.kernel_size, conv.stride, conv.padding)) * counter.itemsize
             forward, backward = 2 * full, 3 * full
-            fused_convs.add(id(conv))
+            fused_stem_convs.add(id(conv))
         elif isinstance(stage[0], Transition) and stage[0].fused():
-            fused_convs.add(id(stage[0].conv))
             # Forward: the BatchNorm-ReLU output beside the pooled one; backward: its gradient and the input's.
             forward, backward = largest + x.numel() * counter.itemsize, 2 * largest + x.numel() * counter.itemsize
         else:
@@ -475,24 +474,30 @@ def estimate_training_step(
         timeline.append((counter.total, forward, backward))
     counter.save(x)
     counter.total += x.batch * x.channels * counter.itemsize
+    cached_only = 0
     if autocast_dtype is not None:
         # Autocast's low-precision weight copies, saved by every convolution
         # and by the classifier, but not by an efficient block's or a fused
         # stem's or transition's convolutions (cast inside, in forward and
-        # again in backward) nor by the 1×1 convolutions that checkpointed
-        # layers run again in backward.
-        unsaved = set(fused_convs)
+        # again in backward; under CPU autocast 3-D stems and transitions run
+        # as modules) nor by checkpointed layers' first convolutions (run
+        # again in backward), whose copies autocast's cache still holds until
+        # the forward's autocast region ends.
+        cast_inside, checkpointed = set(), set()
+        if not (device_type == "cpu" and len(input_shape) == 5):
+            cast_inside.update(fused_stem_convs)
+            cast_inside.update(id(m.conv) for m in model.modules() if isinstance(m, Transition) and m.fused())
         for block in model.modules():
             if isinstance(block, DenseBlock) and block.mode == "efficient":
-                unsaved.update(id(m) for m in block.modules())
+                cast_inside.update(id(m) for m in block.modules())
             elif isinstance(block, DenseBlock) and block.mode == "checkpoint":
-                unsaved.update(id(layer.conv1) for layer in block.values())
-        cast_weights = sum(m.weight.numel() for m in model.modules()
-                           if isinstance(m, (_ConvNd, nn.Linear)) and id(m) not in unsaved)
-        counter.total += cast_weights * counter.itemsize
+                checkpointed.update(id(layer.conv1) for layer in block.values())
+        weights = {id(m): m.weight.numel() for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear))}
+        counter.total += sum(n for key, n in weights.items() if key not in cast_inside | checkpointed) * counter.itemsize
+        cached_only = sum(n for key, n in weights.items() if key in checkpointed) * counter.itemsize
     saved = counter.total
     head = saved - timeline[-1][0]
     forward_peak = max(so_far + transient for so_far, transient, _ in timeline)
     backward_peak = max(so_far + transient for so_far, _, transient in timeline)
-    activations = max(forward_peak, backward_peak + head, saved)
+    activations = max(forward_peak, backward_peak + head, saved + cached_only)
     return StepMemory(state, saved, activations, state + activations)
