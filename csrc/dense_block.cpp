@@ -125,6 +125,10 @@ Tensor laid_out_like(const Tensor& grad, const Tensor& weight) {
   return at::empty_like(weight, grad.options()).copy_(grad);
 }
 
+Tensor weight_gradient(const Tensor& grad, const Tensor& weight) {
+  return laid_out_like(with_dtype_of(grad, weight), weight);
+}
+
 at::MemoryFormat block_memory_format(const Tensor& input) {
   if ((input.dim() != 4 && input.dim() != 5) || (input.dim() == 5 && !input.is_cpu())) {
     return at::MemoryFormat::Contiguous;

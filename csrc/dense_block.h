@@ -202,6 +202,11 @@ Tensor with_dtype_of(const Tensor& weight, const Tensor& like);
 // only size-1 dimensions' strides differ (1×1 kernels).
 Tensor laid_out_like(const Tensor& grad, const Tensor& weight);
 
+// A conv weight's gradient as the operators return it: in the weight's own
+// dtype (float32 beside half/bfloat16 maps, as autocast's cast hands it back)
+// and strides (laid_out_like).
+Tensor weight_gradient(const Tensor& grad, const Tensor& weight);
+
 // Bias-free, stride-1 convolutions of the input's spatial rank (1-D, 2-D or
 // 3-D): 1×1 (no padding), its output in the input's memory format, and 3×3
 // (padding 1), its output as ATen gives it (a naive layer's dropout draws on

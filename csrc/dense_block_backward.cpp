@@ -186,12 +186,9 @@ BackwardResult dense_block_backward(
       std::tie(grad_norm1_out, grad_conv1_weight[l]) =
           conv_backward(grad_new_features, norm1_out, conv1_weight, 1);
     }
-    // In the weights' own dtype, as autocast's cast hands gradients back,
-    // and strides (the fake kernels' empty_like).
-    grad_conv1_weight[l] = laid_out_like(with_dtype_of(grad_conv1_weight[l], layer.conv1_weight), layer.conv1_weight);
+    grad_conv1_weight[l] = weight_gradient(grad_conv1_weight[l], layer.conv1_weight);
     if (block.has_bottleneck()) {
-      grad_conv2_weight[l] =
-          laid_out_like(with_dtype_of(grad_conv2_weight[l], layer.conv2_weight), layer.conv2_weight);
+      grad_conv2_weight[l] = weight_gradient(grad_conv2_weight[l], layer.conv2_weight);
     }
     auto grad_features_in = range_of(grad_features, 1, 0, channels);
     if (sync.enabled() && layer.norm1.uses_batch_stats()) {

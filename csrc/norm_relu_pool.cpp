@@ -329,8 +329,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(
   }
   auto [grad_input, grad_weight, grad_bias] = ops::bn_relu_backward(
       grad_normalized, input, stats.mean, stats.var, weight, bias, eps, stats.batch_stats);
-  return {grad_input.contiguous(format), grad_weight, grad_bias,
-          laid_out_like(with_dtype_of(grad_conv_weight, conv_weight), conv_weight)};
+  return {grad_input.contiguous(format), grad_weight, grad_bias, weight_gradient(grad_conv_weight, conv_weight)};
 }
 
 // --- stem ---------------------------------------------------------------------
@@ -377,8 +376,7 @@ at::MemoryFormat stem_memory_format(const Tensor& image, const Tensor& weight) {
 Tensor stem_conv(const Tensor& image, const Tensor& weight, const StemConv& c, at::MemoryFormat format) {
   return at::convolution(
              image.contiguous(format), weight_operand(with_dtype_of(weight, image), format), std::nullopt, c.stride,
-             c.padding, c.dilation,
-             false, c.output_padding, 1)
+             c.padding, c.dilation, false, c.output_padding, 1)
       .contiguous(format);
 }
 
@@ -485,8 +483,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> stem_backward(
       conv.stride, conv.padding, conv.dilation, false, conv.output_padding, 1, {image_grad, true, false});
   // Not asked for: an empty tensor (a schema's Tensor is never undefined).
   grad_image = grad_image.defined() ? grad_image.contiguous(format) : at::empty({0}, image.options());
-  return {grad_image, laid_out_like(with_dtype_of(grad_conv_weight, conv_weight), conv_weight), grad_weight,
-          grad_bias};
+  return {grad_image, weight_gradient(grad_conv_weight, conv_weight), grad_weight, grad_bias};
 }
 
 } // namespace

@@ -441,7 +441,8 @@ def estimate_training_step(
     stems' and transitions' (cast inside) and checkpointed layers' first
     convolutions (run again; their copies count at the end of the forward,
     in autocast's cache). Not followed: CPU autocast's float32 3-D pooling,
-    whose float32 outputs the layers after it then save. Convolution workspaces are not included.
+    whose float32 outputs the layers after it then save. Convolution
+    workspaces are not included.
     """
     from .models import Transition
     from .modules import DenseBlock
@@ -493,7 +494,8 @@ def estimate_training_step(
             elif isinstance(block, DenseBlock) and block.mode == "checkpoint":
                 checkpointed.update(id(layer.conv1) for layer in block.values())
         weights = {id(m): m.weight.numel() for m in model.modules() if isinstance(m, (_ConvNd, nn.Linear))}
-        counter.total += sum(n for key, n in weights.items() if key not in cast_inside | checkpointed) * counter.itemsize
+        saved_copies = sum(n for key, n in weights.items() if key not in cast_inside | checkpointed)
+        counter.total += saved_copies * counter.itemsize
         cached_only = sum(n for key, n in weights.items() if key in checkpointed) * counter.itemsize
     saved = counter.total
     head = saved - timeline[-1][0]
