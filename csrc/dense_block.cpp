@@ -248,6 +248,57 @@ bool runs_as_gemm(const Tensor& t) {
   return t.device().is_cpu();
 }
 
+// Whether the product of one-pixel maps' channel rows [N, C] with the weight
+// is the convolution: a 1×1 one, and a k×k (k×k×k) one with "same" padding,
+// whose centre tap alone meets the pixel. oneDNN took 0.1 ms forward and
+// 0.4 ms backward for a 3×3×3 layer of MONAI's DenseNet121 at 1³, the GEMMs
+// a few µs; and contiguous maps skip narrow_planes' copies. On the CPU, as
+// runs_as_gemm.
+bool runs_as_pixel_gemm(const Tensor& input, const Tensor& weight, int64_t padding) {
+  if (!runs_as_gemm(input) || plane_size(input) != 1) {
+    return false;
+  }
+  for (int64_t d = 2; d < weight.dim(); ++d) {
+    if (weight.size(d) != 2 * padding + 1) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A conv weight's centre tap [C_out, C_in] (a view).
+Tensor centre_tap(const Tensor& weight) {
+  int64_t offset = weight.storage_offset();
+  for (int64_t d = 2; d < weight.dim(); ++d) {
+    offset += weight.stride(d) * ((weight.size(d) - 1) / 2);
+  }
+  return weight.as_strided({weight.size(0), weight.size(1)}, {weight.stride(0), weight.stride(1)}, offset);
+}
+
+// out = in · W_centreᵀ over one-pixel maps' rows.
+Tensor pixel_convolution(const Tensor& input, const Tensor& weight) {
+  auto out = empty_maps(input, weight.size(0), input.suggest_memory_format());
+  auto out_rows = rows_matrix(out);
+  at::mm_out(out_rows, rows_matrix(input), centre_tap(weight).t());
+  return out;
+}
+
+// dx = dy · W_centre, and dW zero but at its centre tap, dyᵀ · x; dx written
+// into `grad_input`, which may be the (spent) input itself.
+Tensor pixel_convolution_backward(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const Tensor& weight,
+    const Tensor& grad_input) {
+  const auto grad_output_rows = rows_matrix(in_walk(grad_output, Walk::rows));
+  auto grad_weight = at::zeros_like(weight);
+  auto grad_tap = centre_tap(grad_weight);
+  at::mm_out(grad_tap, grad_output_rows.t(), rows_matrix(input));
+  auto grad_input_rows = rows_matrix(grad_input);
+  at::mm_out(grad_input_rows, grad_output_rows, centre_tap(weight));
+  return laid_out_like(grad_weight, weight);
+}
+
 // dW = Σ_n dy[n] · x[n]ᵀ: the per-sample products [N, C_out, C_in] summed,
 // which copies no operand, unless those products outweigh copying both
 // operands into [C, N·plane] matrices for one GEMM (small planes), or the
@@ -273,7 +324,7 @@ Tensor conv1x1(const Tensor& input, const Tensor& weight) {
     // bottleneck (cuDNN computes float64 in NCHW whatever its input).
     return convolution(input, weight, 0).contiguous(input.suggest_memory_format());
   }
-  if (!input.is_contiguous()) {  // channels last: one GEMM over every pixel, out = in · Wᵀ
+  if (!input.is_contiguous() || plane_size(input) == 1) {  // channel rows: one GEMM over every pixel, out = in · Wᵀ
     auto out = empty_maps(input, weight.size(0), input.suggest_memory_format());
     auto out_rows = rows_matrix(out);
     at::mm_out(out_rows, rows_matrix(input), weight_matrix(weight).t());
@@ -297,7 +348,7 @@ std::tuple<Tensor, Tensor> conv1x1_backward_over_input(
   if (!runs_as_gemm(input)) {
     return conv_backward(grad_output, input, weight, 0);
   }
-  if (!input.is_contiguous()) {  // channels last: dW = dyᵀ · x and dx = dy · W, one GEMM each
+  if (!input.is_contiguous() || plane_size(input) == 1) {  // channel rows: dW = dyᵀ · x and dx = dy · W, one GEMM each
     const auto grad_output_rows = rows_matrix(in_walk(grad_output, Walk::rows));
     auto input_rows = rows_matrix(input);
     auto grad_weight = laid_out_like(at::mm(grad_output_rows.t(), input_rows).view(weight.sizes()), weight);
@@ -318,6 +369,9 @@ std::tuple<Tensor, Tensor> conv1x1_backward_over_input(
 }
 
 Tensor conv3x3(const Tensor& input, const Tensor& weight) {
+  if (runs_as_pixel_gemm(input, weight, 1)) {
+    return pixel_convolution(input, weight);
+  }
   return convolution(input, weight, 1);
 }
 
@@ -326,6 +380,11 @@ std::tuple<Tensor, Tensor> conv_backward(
     const Tensor& input,
     const Tensor& weight,
     int64_t padding) {
+  if (runs_as_pixel_gemm(input, weight, padding)) {
+    auto grad_input = empty_maps(input, input.size(1), input.suggest_memory_format());
+    auto grad_weight = pixel_convolution_backward(grad_output, input, weight, grad_input);
+    return {grad_input, grad_weight};
+  }
   auto [grad_input, grad_weight, unused_grad_bias] = at::convolution_backward(
       grad_output, input, conv_weight_for(weight, input), /*bias_sizes=*/std::nullopt,
       /*stride=*/per_spatial_dim(input, 1), /*padding=*/per_spatial_dim(input, padding),

@@ -210,7 +210,9 @@ Tensor weight_gradient(const Tensor& grad, const Tensor& weight);
 // Bias-free, stride-1 convolutions of the input's spatial rank (1-D, 2-D or
 // 3-D): 1×1 (no padding), its output in the input's memory format, and 3×3
 // (padding 1), its output as ATen gives it (a naive layer's dropout draws on
-// that very layout, and ours must draw alike).
+// that very layout, and ours must draw alike). On the CPU both run over
+// one-pixel maps as one GEMM of their channel rows [N, C] (the 3×3's centre
+// tap alone meets the pixel), whose order is the same in either layout.
 Tensor conv1x1(const Tensor& input, const Tensor& weight);
 Tensor conv3x3(const Tensor& input, const Tensor& weight);
 

@@ -427,6 +427,13 @@ struct PerChannelOps {
   // How the kernels walk `t`: along its planes, or along its channel rows
   // where they can; none when it has neither.
   static std::optional<Walk> walk_of(const at::Tensor& t) {
+    // One-pixel maps have both. On the CPU their rows, one vectorised run of
+    // C values per sample, beat their planes, C runs of one value each
+    // (MONAI's 3-D DenseNet121 at 32³: its last block's 1³ maps); CUDA's
+    // choice there is unmeasured and stays the planes.
+    if (Kernels::kChannelRows && t.is_cpu() && plane_size(t) == 1 && has_channel_rows(t)) {
+      return Walk::rows;
+    }
     if (has_contiguous_planes(t)) {
       return Walk::planes;
     }

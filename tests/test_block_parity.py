@@ -19,6 +19,7 @@ SHAPES = [
     pytest.param((2, 5, 3, 7, 5, 2, 3), id="non-square"),
     pytest.param((1, 4, 4, 4, 2, 2, 4), id="N1-spatial"),  # legal in training: 16 values per channel
     pytest.param((3, 5, 5, 4, 3, 3, 0), id="plain-layers"),  # bn_size=0: BN-ReLU-Conv3x3, no bottleneck
+    pytest.param((3, 1, 1, 4, 3, 3, 0), id="plain-layers-H1"),
 ]
 
 

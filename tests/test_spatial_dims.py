@@ -24,6 +24,10 @@ SHAPES = [
     pytest.param((3, 2, (3, 4, 5), 5, 3, 3, 4), id="3d"),
     pytest.param((3, 3, (1, 1, 2), 4, 2, 2, 2), id="3d-thin"),
     pytest.param((3, 2, (3, 3, 3), 4, 3, 2, 0), id="3d-plain-layers"),
+    # One voxel: the CPU's convolutions are GEMMs of its channel rows.
+    pytest.param((3, 3, (1, 1, 1), 5, 3, 3, 4), id="3d-one-voxel"),
+    pytest.param((3, 2, (1, 1, 1), 4, 3, 2, 0), id="3d-one-voxel-plain-layers"),
+    pytest.param((1, 3, (1,), 5, 3, 2, 4), id="1d-one-pixel"),
     pytest.param((1, 3, (9,), 5, 3, 3, 4), id="1d"),
 ]
 
