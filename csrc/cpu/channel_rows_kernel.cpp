@@ -182,6 +182,41 @@ DENSENET_VECTORIZED void rows_grad_sums(
   }
 }
 
+// Fixed statistics' backward in one pass: dx = scale·g, written or added,
+// and the sums of rows_grad_sums.
+template <bool accumulate, typename scalar_t, typename math_t>
+DENSENET_VECTORIZED void rows_grad_fixed_stats(
+    ReadRows<scalar_t> dy,
+    ReadRows<scalar_t> x,
+    WriteRows<scalar_t> dx,
+    int64_t begin,
+    int64_t end,
+    int64_t channels,
+    const math_t* scale,
+    const math_t* shift,
+    const math_t* mean,
+    math_t* sum_g,
+    math_t* sum_g_centered) {
+  using E = Element<scalar_t>;
+  for (int64_t r = begin; r < end; ++r) {
+    const auto* xr = x.row(r);
+    const auto* dyr = dy.row(r);
+    auto* dxr = dx.row(r);
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const math_t v = E::load(xr[c]);
+      const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
+      sum_g[c] += g;
+      sum_g_centered[c] += g * (v - mean[c]);
+      math_t d = scale[c] * g;
+      if constexpr (accumulate) {
+        d += E::load(dxr[c]);
+      }
+      dxr[c] = E::store(d);
+    }
+  }
+}
+
 // dx = scale·(g − mean_g − (x − μ)·centered_coef), written or added.
 template <bool accumulate, typename scalar_t, typename math_t>
 DENSENET_VECTORIZED void rows_grad_input(
@@ -283,6 +318,28 @@ std::pair<std::vector<double>, std::vector<double>> grad_sums_impl(
           std::vector<double>(sums.begin() + channels, sums.end())};
 }
 
+// dx = scale·g, written or added, and Σg, Σg·(x − μ) per channel (as
+// grad_sums_impl sums them), in one pass: [Σg · C, Σg·(x − μ) · C] in double.
+template <typename scalar_t, typename math_t>
+std::vector<double> fixed_stats_backward_impl(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const ChannelAffine<math_t>& a,
+    bool accumulate,
+    const at::Tensor& grad_input) {
+  const int64_t rows = rows_of(input), channels = input.size(1);
+  const auto x = read_rows<scalar_t>(input);
+  const auto dy = read_rows<scalar_t>(grad_output);
+  const auto dx = write_rows<scalar_t>(grad_input);
+  const auto loop =
+      accumulate ? &rows_grad_fixed_stats<true, scalar_t, math_t> : &rows_grad_fixed_stats<false, scalar_t, math_t>;
+  return chunked_sums<math_t>(rows, channels, 2, [&](int64_t begin, int64_t end, int64_t c0, int64_t c1, math_t* sum) {
+    loop(
+        dy.from(c0), x.from(c0), dx.from(c0), begin, end, c1 - c0, a.scale.data() + c0, a.shift.data() + c0,
+        a.mean.data() + c0, sum + c0, sum + channels + c0);
+  });
+}
+
 // dx = scale·(g − mean_g − (x − μ)·centered_coef) per channel, written or added.
 template <typename scalar_t, typename math_t>
 void grad_input_impl(
@@ -355,9 +412,18 @@ void ChannelRowKernels::backward_rows(
     const int64_t channels = input.size(1);
     const double count = static_cast<double>(rows_of(input));
     const ChannelAffine<math_t> a(vectors, channels, eps);
-    const auto [sum_g, sum_g_centered] = grad_sums_impl<scalar_t>(grad_output, input, a);
     auto* dw = grad_weight.mutable_data_ptr<math_t>();
     auto* db = grad_bias.mutable_data_ptr<math_t>();
+    if (!batch_stats) {  // dx = scale·g needs no sums first: one pass
+      const auto sums = fixed_stats_backward_impl<scalar_t>(grad_output, input, a, accumulate, grad_input);
+      for (int64_t c = 0; c < channels; ++c) {
+        const ChannelBackward<math_t> terms(sums[c], sums[channels + c], a.invstd[c], false, 0);
+        dw[c] = terms.grad_weight;
+        db[c] = terms.grad_bias;
+      }
+      return;
+    }
+    const auto [sum_g, sum_g_centered] = grad_sums_impl<scalar_t>(grad_output, input, a);
     std::vector<math_t> mean_g(channels), centered_coef(channels);
     for (int64_t c = 0; c < channels; ++c) {
       const ChannelBackward<math_t> terms(sum_g[c], sum_g_centered[c], a.invstd[c], batch_stats, count);
