@@ -48,8 +48,10 @@ def _assert_within_twice_naive(ours, naive, exact):
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, id="float16")])
-# 2×2 planes, as many values per channel: the CPU's 1×1 convolutions of narrow planes (one GEMM over all samples).
-@pytest.mark.parametrize("batch, size", [(BATCH, SIZE), (BATCH * SIZE**2 // 4, 2)], ids=["8x8", "2x2"])
+# 2×2 planes, as many values per channel: the CPU's 1×1 convolutions of narrow planes (one GEMM over all
+# samples); one pixel: the CPU's 3×3 convolutions too are GEMMs (their centre tap).
+@pytest.mark.parametrize(
+    "batch, size", [(BATCH, SIZE), (BATCH * SIZE**2 // 4, 2), (BATCH * SIZE**2, 1)], ids=["8x8", "2x2", "1x1"])
 def test_autocast_matches_naive_accuracy(device, dtype, batch, size):
     if device == "cpu" and dtype == torch.float16:
         pytest.skip("CPU autocast runs bfloat16")
