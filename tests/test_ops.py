@@ -566,7 +566,9 @@ def test_channel_rows_are_walked_in_place(device):
         ops.bn_relu_out(x, mean, var, weight, bias, 1e-5, out)
         ops.bn_relu_backward_accumulate(grad, x, mean, var, weight, bias, 1e-5, True, total)
     names = [e.name for e in profile.events()]
-    assert not {"aten::copy_", "aten::contiguous", "aten::clone"} & set(names), names
+    # The CPU's copy_with_stats copies with ATen, straight into its destination.
+    assert names.count("aten::copy_") == (1 if device == "cpu" else 0), names
+    assert not {"aten::contiguous", "aten::clone"} & set(names), names
 
 
 def test_opcheck_with_channel_rows():
