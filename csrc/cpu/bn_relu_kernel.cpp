@@ -125,10 +125,13 @@ DENSENET_VECTORIZED void plane_bn_relu(
   }
 }
 
-template <typename scalar_t, typename math_t>
+// Σg and Σg·(x − μ) over a plane; with `writes`, fixed statistics' input
+// gradient dx = scale·g too, written or (`accumulate`) added, in the same pass.
+template <bool writes, bool accumulate, typename scalar_t, typename math_t>
 DENSENET_VECTORIZED void plane_grad_sums(
     const scalar_t* grad_out_,
     const scalar_t* x_,
+    scalar_t* grad_in_,
     int64_t n,
     math_t scale,
     math_t shift,
@@ -141,6 +144,7 @@ DENSENET_VECTORIZED void plane_grad_sums(
   using E = Element<scalar_t>;
   const auto* grad_out = raw(grad_out_);
   const auto* x = raw(x_);
+  auto* grad_in = raw(grad_in_);
   double g_sum = 0, gc_sum = 0;
   for (int64_t start = 0; start < n; start += kSumBlock) {
     const int64_t end = std::min(n, start + kSumBlock);
@@ -151,6 +155,13 @@ DENSENET_VECTORIZED void plane_grad_sums(
       const math_t g = gated<scalar_t>(E::load(grad_out[i]), v, scale, shift);
       g_total += g;
       gc_total += g * (v - mean);
+      if constexpr (writes) {
+        math_t d = scale * g;
+        if constexpr (accumulate) {
+          d += E::load(grad_in[i]);
+        }
+        grad_in[i] = E::store(d);
+      }
     }
     g_sum += g_total;
     gc_sum += gc_total;
@@ -187,51 +198,13 @@ DENSENET_VECTORIZED void plane_grad_input(
   }
 }
 
-// Fixed statistics' backward in one pass: dx = scale·g, written or added,
-// and Σg and Σg·(x − μ) as plane_grad_sums sums them.
-template <bool accumulate, typename scalar_t, typename math_t>
-DENSENET_VECTORIZED void plane_grad_fixed_stats(
-    const scalar_t* grad_out_,
-    const scalar_t* x_,
-    scalar_t* grad_in_,
-    int64_t n,
-    math_t scale,
-    math_t shift,
-    math_t mean,
-    double& sum_g,
-    double& sum_g_centered) {
-  using E = Element<scalar_t>;
-  const auto* grad_out = raw(grad_out_);
-  const auto* x = raw(x_);
-  auto* grad_in = raw(grad_in_);
-  double g_sum = 0, gc_sum = 0;
-  for (int64_t start = 0; start < n; start += kSumBlock) {
-    const int64_t end = std::min(n, start + kSumBlock);
-    math_t g_total = 0, gc_total = 0;
-#pragma omp simd reduction(+ : g_total, gc_total)
-    for (int64_t i = start; i < end; ++i) {
-      const math_t v = E::load(x[i]);
-      const math_t g = gated<scalar_t>(E::load(grad_out[i]), v, scale, shift);
-      g_total += g;
-      gc_total += g * (v - mean);
-      math_t d = scale * g;
-      if constexpr (accumulate) {
-        d += E::load(grad_in[i]);
-      }
-      grad_in[i] = E::store(d);
-    }
-    g_sum += g_total;
-    gc_sum += gc_total;
-  }
-  sum_g = g_sum;
-  sum_g_centered = gc_sum;
-}
-
-// Pass 1 of backward for channel c: Σg and Σg·(x − μ) over its planes.
-template <typename scalar_t, typename math_t>
+// Pass 1 of backward for channel c: Σg and Σg·(x − μ) over its planes;
+// with `writes`, fixed statistics' whole backward (plane_grad_sums) into dx.
+template <bool writes, bool accumulate, typename scalar_t, typename math_t>
 std::pair<double, double> channel_grad_sums(
     const Planes<const scalar_t>& grad_out,
     const Planes<const scalar_t>& x,
+    const Planes<scalar_t>& grad_in,
     int64_t batch,
     int64_t plane_size,
     int64_t c,
@@ -239,9 +212,9 @@ std::pair<double, double> channel_grad_sums(
   double sum_g = 0, sum_g_centered = 0;
   for (int64_t n = 0; n < batch; ++n) {
     double plane_g, plane_g_centered;
-    plane_grad_sums<scalar_t, math_t>(
-        grad_out.plane(n, c), x.plane(n, c), plane_size, a.scale, a.shift, a.mean, plane_g,
-        plane_g_centered);
+    plane_grad_sums<writes, accumulate, scalar_t, math_t>(
+        grad_out.plane(n, c), x.plane(n, c), writes ? grad_in.plane(n, c) : nullptr, plane_size, a.scale, a.shift,
+        a.mean, plane_g, plane_g_centered);
     sum_g += plane_g;
     sum_g_centered += plane_g_centered;
   }
@@ -410,22 +383,15 @@ struct CpuKernels : cpu::ChannelRowKernels {
                 for (int64_t c = begin; c < end; ++c) {
                   const Affine<math_t> a(params, c);
                   if (!batch_stats) {  // dx = scale·g needs no sums first: one pass
-                    double sum_g = 0, sum_g_centered = 0;
-                    for (int64_t n = 0; n < batch; ++n) {
-                      double plane_g, plane_g_centered;
-                      plane_grad_fixed_stats<accumulate, scalar_t, math_t>(
-                          dy.plane(n, c), x.plane(n, c), dx.plane(n, c), plane_size, a.scale, a.shift, a.mean,
-                          plane_g, plane_g_centered);
-                      sum_g += plane_g;
-                      sum_g_centered += plane_g_centered;
-                    }
+                    const auto [sum_g, sum_g_centered] =
+                        channel_grad_sums<true, accumulate, scalar_t, math_t>(dy, x, dx, batch, plane_size, c, a);
                     const ChannelBackward<math_t> terms(sum_g, sum_g_centered, a.invstd, false, 0);
                     dw[c] = terms.grad_weight;
                     db[c] = terms.grad_bias;
                     continue;
                   }
-                  const auto [sum_g, sum_g_centered] =
-                      channel_grad_sums<scalar_t, math_t>(dy, x, batch, plane_size, c, a);
+                  const auto [sum_g, sum_g_centered] = channel_grad_sums<false, false, scalar_t, math_t>(
+                      dy, x, Planes<scalar_t>{}, batch, plane_size, c, a);
                   const ChannelBackward<math_t> terms(
                       sum_g, sum_g_centered, a.invstd, batch_stats, static_cast<double>(count));
                   dw[c] = terms.grad_weight;
@@ -459,7 +425,7 @@ struct CpuKernels : cpu::ChannelRowKernels {
             for (int64_t c = begin; c < end; ++c) {
               const Affine<math_t> a(params, c);
               const auto [sum_g, sum_g_centered] =
-                  channel_grad_sums<scalar_t, math_t>(dy, x, batch, plane_size, c, a);
+                  channel_grad_sums<false, false, scalar_t, math_t>(dy, x, Planes<scalar_t>{}, batch, plane_size, c, a);
               const ChannelBackward<math_t> terms(sum_g, sum_g_centered, a.invstd, /*batch_stats=*/false, 0);
               dw[c] = terms.grad_weight;
               db[c] = terms.grad_bias;

@@ -175,11 +175,13 @@ void rows_squared_deviations(
 }
 
 // sum_g[c] += g and sum_g_centered[c] += g·(x − μ), g the gradient through
-// the ReLU gate.
-template <typename scalar_t, typename math_t>
+// the ReLU gate; with `writes`, fixed statistics' input gradient dx = scale·g
+// too, written or (`accumulate`) added, in the same pass.
+template <bool writes, bool accumulate, typename scalar_t, typename math_t>
 DENSENET_VECTORIZED void rows_grad_sums(
     ReadRows<scalar_t> dy,
     ReadRows<scalar_t> x,
+    WriteRows<scalar_t> dx,
     int64_t begin,
     int64_t end,
     int64_t channels,
@@ -197,12 +199,20 @@ DENSENET_VECTORIZED void rows_grad_sums(
       for (int64_t r = r0; r < r1; ++r) {
         const auto* xr = x.row(r) + c0;
         const auto* dyr = dy.row(r) + c0;
+        auto* dxr = writes ? dx.row(r) + c0 : nullptr;
 #pragma omp simd
         for (int64_t j = 0; j < kChannelTile; ++j) {
           const math_t v = E::load(xr[j]);
           const math_t g = gated<scalar_t>(E::load(dyr[j]), v, scale[c0 + j], shift[c0 + j]);
           g_tile[j] += g;
           gc_tile[j] += g * (v - mean[c0 + j]);
+          if constexpr (writes) {
+            math_t d = scale[c0 + j] * g;
+            if constexpr (accumulate) {
+              d += E::load(dxr[j]);
+            }
+            dxr[j] = E::store(d);
+          }
         }
       }
       for (int64_t j = 0; j < kChannelTile; ++j) {
@@ -213,48 +223,21 @@ DENSENET_VECTORIZED void rows_grad_sums(
     for (int64_t r = r0; r < r1; ++r) {
       const auto* xr = x.row(r);
       const auto* dyr = dy.row(r);
+      auto* dxr = writes ? dx.row(r) : nullptr;
 #pragma omp simd
       for (int64_t c = c0; c < channels; ++c) {
         const math_t v = E::load(xr[c]);
         const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
         sum_g[c] += g;
         sum_g_centered[c] += g * (v - mean[c]);
+        if constexpr (writes) {
+          math_t d = scale[c] * g;
+          if constexpr (accumulate) {
+            d += E::load(dxr[c]);
+          }
+          dxr[c] = E::store(d);
+        }
       }
-    }
-  }
-}
-
-// Fixed statistics' backward in one pass: dx = scale·g, written or added,
-// and the sums of rows_grad_sums.
-template <bool accumulate, typename scalar_t, typename math_t>
-DENSENET_VECTORIZED void rows_grad_fixed_stats(
-    ReadRows<scalar_t> dy,
-    ReadRows<scalar_t> x,
-    WriteRows<scalar_t> dx,
-    int64_t begin,
-    int64_t end,
-    int64_t channels,
-    const math_t* scale,
-    const math_t* shift,
-    const math_t* mean,
-    math_t* sum_g,
-    math_t* sum_g_centered) {
-  using E = Element<scalar_t>;
-  for (int64_t r = begin; r < end; ++r) {
-    const auto* xr = x.row(r);
-    const auto* dyr = dy.row(r);
-    auto* dxr = dx.row(r);
-#pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) {
-      const math_t v = E::load(xr[c]);
-      const math_t g = gated<scalar_t>(E::load(dyr[c]), v, scale[c], shift[c]);
-      sum_g[c] += g;
-      sum_g_centered[c] += g * (v - mean[c]);
-      math_t d = scale[c] * g;
-      if constexpr (accumulate) {
-        d += E::load(dxr[c]);
-      }
-      dxr[c] = E::store(d);
     }
   }
 }
@@ -351,16 +334,17 @@ std::pair<std::vector<double>, std::vector<double>> grad_sums_impl(
   const auto dy = read_rows<scalar_t>(grad_output);
   const auto sums = chunked_sums<math_t>(
       rows, channels, 2, [&](int64_t begin, int64_t end, int64_t c0, int64_t c1, math_t* sum) {
-    rows_grad_sums<scalar_t>(
-        dy.from(c0), x.from(c0), begin, end, c1 - c0, a.scale.data() + c0, a.shift.data() + c0, a.mean.data() + c0,
-        sum + c0, sum + channels + c0);
+    rows_grad_sums<false, false, scalar_t>(
+        dy.from(c0), x.from(c0), WriteRows<scalar_t>{}, begin, end, c1 - c0, a.scale.data() + c0,
+        a.shift.data() + c0, a.mean.data() + c0, sum + c0, sum + channels + c0);
   });
   return {std::vector<double>(sums.begin(), sums.begin() + channels),
           std::vector<double>(sums.begin() + channels, sums.end())};
 }
 
 // dx = scale·g, written or added, and Σg, Σg·(x − μ) per channel (as
-// grad_sums_impl sums them), in one pass: [Σg · C, Σg·(x − μ) · C] in double.
+// grad_sums_impl sums them, in the same order), in one pass: [Σg · C,
+// Σg·(x − μ) · C] in double.
 template <typename scalar_t, typename math_t>
 std::vector<double> fixed_stats_backward_impl(
     const at::Tensor& grad_output,
@@ -373,7 +357,7 @@ std::vector<double> fixed_stats_backward_impl(
   const auto dy = read_rows<scalar_t>(grad_output);
   const auto dx = write_rows<scalar_t>(grad_input);
   const auto loop =
-      accumulate ? &rows_grad_fixed_stats<true, scalar_t, math_t> : &rows_grad_fixed_stats<false, scalar_t, math_t>;
+      accumulate ? &rows_grad_sums<true, true, scalar_t, math_t> : &rows_grad_sums<true, false, scalar_t, math_t>;
   return chunked_sums<math_t>(rows, channels, 2, [&](int64_t begin, int64_t end, int64_t c0, int64_t c1, math_t* sum) {
     loop(
         dy.from(c0), x.from(c0), dx.from(c0), begin, end, c1 - c0, a.scale.data() + c0, a.shift.data() + c0,
