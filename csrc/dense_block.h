@@ -1,6 +1,6 @@
 // The efficient dense block's shared pieces: its layers and norms as the
 // operators receive them, the layout of its per-channel statistics, and the
-// convolution and dropout steps of a layer. The operators themselves live in
+// dropout step of a layer (its convolutions: convolution.h). The operators themselves live in
 // dense_block_forward.cpp and dense_block_backward.cpp, their argument checks
 // in dense_block_validation.cpp, synchronised BatchNorm in
 // dense_block_sync.cpp; see docs/design.md for the data path.
@@ -206,41 +206,6 @@ Tensor laid_out_like(const Tensor& grad, const Tensor& weight);
 // dtype (float32 beside half/bfloat16 maps, as autocast's cast hands it back)
 // and strides (laid_out_like).
 Tensor weight_gradient(const Tensor& grad, const Tensor& weight);
-
-// Bias-free, stride-1 convolutions of the input's spatial rank (1-D, 2-D or
-// 3-D): 1×1 (no padding), its output in the input's memory format, and 3×3
-// (padding 1), its output as ATen gives it (a naive layer's dropout draws on
-// that very layout, and ours must draw alike). On the CPU both run over
-// one-pixel maps as one GEMM of their channel rows [N, C] (the 3×3's centre
-// tap alone meets the pixel), whose order is the same in either layout.
-Tensor conv1x1(const Tensor& input, const Tensor& weight);
-Tensor conv3x3(const Tensor& input, const Tensor& weight);
-
-// The 1×1 convolution is one GEMM per sample over the plane, out[n] = W·in[n]
-// with W viewed as [C_out, C_in]. On the CPU conv1x1 and its backward run as
-// such (at::bmm, the weight shared across the batch by a zero stride; for
-// channels-last maps, whose channel rows form one [N·plane, C] matrix, one
-// at::mm over every pixel; for planes of under 16 values, one at::mm over
-// channel-major copies, see narrow_planes): then
-// the input gradient can go where the caller says, and no operand is copied
-// into oneDNN's layouts (for densenet121's first block at batch 16 that
-// copying tripled the backward's time and added 34 MiB of transients). On
-// CUDA they are cuDNN convolutions (dense_block.cpp says why).
-//
-// Gradients of conv1x1 w.r.t. its input and weight, for an input that is
-// spent: on the CPU the input gradient is written over the input (which must
-// be contiguous), elsewhere it is a new tensor.
-std::tuple<Tensor, Tensor> conv1x1_backward_over_input(
-    const Tensor& grad_output,
-    const Tensor& input,
-    const Tensor& weight);
-
-// Gradients of a bias-free, stride-1 convolution w.r.t. its input and weight.
-std::tuple<Tensor, Tensor> conv_backward(
-    const Tensor& grad_output,
-    const Tensor& input,
-    const Tensor& weight,
-    int64_t padding);
 
 // Dropout as F.dropout draws it (seeded runs match the reference), or with
 // `whole_channels` as F.dropout2d/3d draw it (one draw per sample and

@@ -2,6 +2,7 @@
 // reverse (docs/design.md). The BN-ReLU outputs are recomputed into shared
 // scratch buffers and every layer's input gradient is accumulated in place
 // into one gradient buffer.
+#include "convolution.h"
 #include "dense_block.h"
 #include "dense_block_sync.h"
 #include "ops.h"

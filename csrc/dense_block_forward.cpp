@@ -3,6 +3,7 @@
 // buffer (the block's output) together with their batch statistics, computed
 // once per channel; per layer only the bottleneck output is kept (or nothing,
 // when it is recomputed).
+#include "convolution.h"
 #include "dense_block.h"
 #include "dense_block_sync.h"
 #include "ops.h"
@@ -118,7 +119,7 @@ ForwardResult dense_block_forward(
     apply_bn_relu(
         layer.norm1, norm1_normalization(block, l, stats),
         range_of(output, 1, 0, channels), norm1_out);
-    Tensor new_features, bottleneck;
+    Tensor new_features, bottleneck, conv_input;
     if (block.has_bottleneck()) {
       bottleneck = conv1x1(norm1_out, with_dtype_of(layer.conv1_weight, input));
       const auto norm2 = norm2_normalization(block, l, stats);
@@ -131,14 +132,19 @@ ForwardResult dense_block_forward(
       // norm1's output is spent: norm2's takes the scratch.
       const auto norm2_out = scratch_view(scratch, bottleneck.sizes(), format);
       apply_bn_relu(layer.norm2, norm2, bottleneck, norm2_out);
-      new_features = conv3x3(norm2_out, with_dtype_of(layer.conv2_weight, input));
+      conv_input = norm2_out;
     } else {
-      new_features = conv3x3(norm1_out, with_dtype_of(layer.conv1_weight, input));
+      conv_input = norm1_out;
     }
+    const auto conv_weight = with_dtype_of(block.has_bottleneck() ? layer.conv2_weight : layer.conv1_weight, input);
+    new_features = conv3x3(conv_input, conv_weight);
     if (dropout_p > 0) {
-      // Drawn on the convolution's output as ATen laid it out (F.dropout
-      // draws in memory order); kept in the block's format, as the fake says.
-      auto [dropped, mask] = dropout_with_mask(new_features, dropout_p, dropout_whole_channels);
+      // Drawn on the convolution's output laid out as a naive layer's
+      // (F.dropout draws in memory order: a copy only where our layout
+      // differs); kept in the block's format, as the fake says.
+      auto [dropped, mask] = dropout_with_mask(
+          new_features.contiguous(aten_output_format(conv_input, conv_weight, 1)), dropout_p,
+          dropout_whole_channels);
       new_features = std::move(dropped);
       if (save_for_backward) {
         dropout_masks.push_back(mask.contiguous(format));

@@ -8,6 +8,7 @@
 //   keeping conv0's output and int64 indices.
 // Batch statistics (in training, or without running statistics) come back
 // with the count of values per channel, for update_running_stats.
+#include "convolution.h"
 #include "dense_block.h"
 #include "ops.h"
 #include "per_channel_ops.h"

@@ -54,11 +54,14 @@ def test_a_channels_last_input_matches_the_reference(device, spatial_dims, train
     assert_results_close(mine, step_results(reference, x, grad), FLOAT64_TOL)
 
 
-def test_a_channels_last_model_matches_the_reference_in_both_input_layouts():
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_a_channels_last_model_matches_the_reference_in_both_input_layouts(drop_rate):
     """The input's layout is the block's (and its output's, as torch.cat's
-    for the reference); the weights' layout does not matter."""
+    for the reference); the weights' layout does not matter, but to dropout,
+    which draws in the memory order of a naive layer's convolution output:
+    channels last when the weight is."""
     for make_input in (lambda t: t, channels_last):
-        ours, reference = make_pair(3, 5, 3)
+        ours, reference = make_pair(3, 5, 3, drop_rate=drop_rate)
         ours.to(memory_format=torch.channels_last)
         reference.to(memory_format=torch.channels_last)
         x = make_input(torch.randn(4, 5, 6, 6, dtype=torch.float64))
