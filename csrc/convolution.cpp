@@ -8,6 +8,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/native/ConvUtils.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace densenet_efficient::block {
@@ -192,16 +193,18 @@ cpu::TapOrder tap_order(const Tensor& weight) {
 // The weight as the [C_out, C_in·T] matrix of `order` (a view of a weight
 // laid out in that order).
 Tensor tap_weight_matrix(const Tensor& weight, cpu::TapOrder order) {
+  // Explicit sizes: -1 cannot be inferred for a weight without elements.
+  const auto columns = weight.numel() / std::max<int64_t>(weight.size(0), 1);
   if (order == cpu::TapOrder::channel_major) {
-    return contiguous_operand(weight).reshape({weight.size(0), -1});
+    return contiguous_operand(weight).reshape({weight.size(0), columns});
   }
-  return weight.movedim(1, -1).reshape({weight.size(0), -1});
+  return weight.movedim(1, -1).reshape({weight.size(0), columns});
 }
 
 // [N, C, *spatial] maps as the [N·plane, C] matrix of their channel rows
 // (a copy, unless channels last).
 Tensor channel_rows(const Tensor& maps) {
-  return maps.movedim(1, -1).reshape({-1, maps.size(1)});
+  return maps.movedim(1, -1).reshape({maps.size(0) * plane_size(maps), maps.size(1)});
 }
 
 Tensor tap_convolution(const Tensor& input, const Tensor& weight) {
@@ -226,8 +229,8 @@ std::tuple<Tensor, Tensor> tap_convolution_backward(
     const Tensor& weight) {
   const auto order = tap_order(weight);
   const auto grad_rows = channel_rows(grad_output);
-  const auto columns = cpu::tap_columns(input, weight.size(2), order);
-  auto grad_weight = at::mm(grad_rows.t(), columns);
+  // The columns live only for dW: their gradient is the other transient.
+  auto grad_weight = at::mm(grad_rows.t(), cpu::tap_columns(input, weight.size(2), order));
   if (order == cpu::TapOrder::tap_major) {  // [C_out, *taps, C_in] back to the weight's dimension order
     auto tap_sizes = weight.movedim(1, -1).sizes().vec();
     grad_weight = grad_weight.view(tap_sizes).movedim(-1, 1);

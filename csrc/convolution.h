@@ -1,7 +1,7 @@
 // The convolutions of a dense layer (and of the fused transition): bias-free,
 // stride 1, of the input's spatial rank. On the CPU the 1×1 ones and those
-// over one-pixel maps are GEMMs (convolution.cpp says where and why); the
-// rest are ATen's (oneDNN, cuDNN).
+// over maps of at most 16 pixels are GEMMs (convolution.cpp says where and
+// why); the rest are ATen's (oneDNN, cuDNN).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -141,10 +141,12 @@ ForwardResult dense_block_forward(
     if (dropout_p > 0) {
       // Drawn on the convolution's output laid out as a naive layer's
       // (F.dropout draws in memory order: a copy only where our layout
-      // differs); kept in the block's format, as the fake says.
-      auto [dropped, mask] = dropout_with_mask(
-          new_features.contiguous(aten_output_format(conv_input, conv_weight, 1)), dropout_p,
-          dropout_whole_channels);
+      // differs; whole channels' noise [N, k, 1, …] has no layout); kept in
+      // the block's format, as the fake says.
+      const auto drawn_on = dropout_whole_channels
+          ? new_features
+          : new_features.contiguous(aten_output_format(conv_input, conv_weight, 1));
+      auto [dropped, mask] = dropout_with_mask(drawn_on, dropout_p, dropout_whole_channels);
       new_features = std::move(dropped);
       if (save_for_backward) {
         dropout_masks.push_back(mask.contiguous(format));

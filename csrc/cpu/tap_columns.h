@@ -19,10 +19,11 @@ enum class TapOrder { channel_major, tap_major };
 // The columns of `input` (any strides; float64/32/16, bfloat16), contiguous.
 at::Tensor tap_columns(const at::Tensor& input, int64_t kernel_size, TapOrder order);
 
-// The input gradient from the columns' gradient [N·P, C·T]: each input pixel
-// q gathers, in the math type, the values of the (p, t) with p + t − centre
-// = q, in increasing p (one fixed order: deterministic). Written into
-// `grad_input`, [N, C, *spatial] with any non-overlapping strides.
+// The input gradient from the columns' gradient [N·P, C·T] (in the maps'
+// dtype: for half/bfloat16 each value is rounded once before this sum): each
+// input pixel q sums, in the math type, the values of the (p, t) with
+// p + t − centre = q, in increasing p (one fixed order: deterministic).
+// Written into `grad_input`, [N, C, *spatial] with any non-overlapping strides.
 void tap_columns_backward(
     const at::Tensor& grad_columns,
     int64_t kernel_size,
