@@ -110,6 +110,17 @@ bool runs_as_gemm(const Tensor& t) {
   return t.device().is_cpu();
 }
 
+// Whether a stride-1 convolution with this weight and padding keeps the
+// maps' size ("same" padding): every spatial size of the weight 2·padding + 1.
+bool keeps_size(const Tensor& weight, int64_t padding) {
+  for (int64_t d = 2; d < weight.dim(); ++d) {
+    if (weight.size(d) != 2 * padding + 1) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // Whether the product of one-pixel maps' channel rows [N, C] with the weight
 // is the convolution: a 1×1 one, and a k×k (k×k×k) one with "same" padding,
 // whose centre tap alone meets the pixel. oneDNN took 0.1 ms forward and
@@ -117,15 +128,7 @@ bool runs_as_gemm(const Tensor& t) {
 // a few µs; and contiguous maps skip narrow_planes' copies. On the CPU, as
 // runs_as_gemm.
 bool runs_as_pixel_gemm(const Tensor& input, const Tensor& weight, int64_t padding) {
-  if (!runs_as_gemm(input) || plane_size(input) != 1) {
-    return false;
-  }
-  for (int64_t d = 2; d < weight.dim(); ++d) {
-    if (weight.size(d) != 2 * padding + 1) {
-      return false;
-    }
-  }
-  return true;
+  return runs_as_gemm(input) && plane_size(input) == 1 && keeps_size(weight, padding);
 }
 
 // A conv weight's centre tap [C_out, C_in] (a view).
@@ -174,15 +177,8 @@ constexpr int64_t kMaxTapPixels = 16;
 
 bool runs_as_tap_gemm(const Tensor& input, const Tensor& weight, int64_t padding) {
   const auto pixels = plane_size(input);
-  if (!runs_as_gemm(input) || padding < 1 || pixels < 2 || pixels > kMaxTapPixels) {
-    return false;
-  }
-  for (int64_t d = 2; d < weight.dim(); ++d) {
-    if (weight.size(d) != 2 * padding + 1) {
-      return false;
-    }
-  }
-  return true;
+  return runs_as_gemm(input) && padding >= 1 && pixels >= 2 && pixels <= kMaxTapPixels &&
+      keeps_size(weight, padding);
 }
 
 cpu::TapOrder tap_order(const Tensor& weight) {
@@ -202,7 +198,8 @@ Tensor tap_weight_matrix(const Tensor& weight, cpu::TapOrder order) {
 }
 
 // [N, C, *spatial] maps as the [N·plane, C] matrix of their channel rows
-// (a copy, unless channels last).
+// (a copy, unless channels last). Unlike rows_matrix(in_walk(…)), also of
+// an empty batch.
 Tensor channel_rows(const Tensor& maps) {
   return maps.movedim(1, -1).reshape({maps.size(0) * plane_size(maps), maps.size(1)});
 }
