@@ -45,7 +45,6 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from densenet_efficient import builders
-from densenet_efficient.bench import _usual_malloc
 from densenet_efficient.bench_configs import PRECISIONS, layout_of
 
 LIBRARY_COMPUTE = {
@@ -122,7 +121,6 @@ def main() -> None:
     if args.steps < 1 or args.profiled_steps < 1:
         parser.error(f"--steps and --profiled-steps must be at least 1, got {args.steps} and {args.profiled_steps}")
 
-    _usual_malloc()  # glibc's settled thresholds, as the bench's timed steps run under
     config = {"spatial_dims": args.spatial_dims, "in_channels": args.in_channels, "layout": args.layout}
     memory_format = layout_of(config)
     autocast_dtype = PRECISIONS[args.amp] and getattr(torch, PRECISIONS[args.amp])

@@ -3,14 +3,15 @@ checkpoint vs efficient (± recompute_bottleneck) vs torch.compile (of the
 naive or the efficient model, optionally with a low activation memory
 budget).
 
-Every configuration runs in a fresh subprocess (so its peak memory is its
+Every configuration runs in fresh subprocesses (so its peak memory is its
 own, and running out of memory costs only that configuration). Per
 configuration: memory (CUDA: ``max_memory_allocated`` over the timed steps;
 CPU: bytes saved for backward, eager models only), the step peak (what a
 step allocates above what stays resident between steps: CUDA from the
-allocator's statistics, CPU from the resident-set high-water mark of a step
-taken first, with glibc handing large blocks back, while the times come from
-the steps after it, under glibc's usual rules), the analytic prediction (CUDA:
+allocator's statistics; CPU from the resident-set high-water mark of a step
+in a process of its own in which glibc hands large blocks back, while the
+times come from another process left to glibc's own rules, as a training
+script is), the analytic prediction (CUDA:
 ``estimate_training_step``; CPU: ``model_saved_bytes``, exact, without
 autocast), the median and spread of the training-step time (forward +
 backward + SGD, after warm-up, synchronized; p10-p90 from 10 steps on, else
@@ -27,7 +28,6 @@ DenseNet121 on single-channel volumes (32³ on CPU, 96³ on a GPU), batch 2.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import importlib.util
 import json
@@ -62,23 +62,18 @@ def _reset_peak_rss() -> None:
         clear_refs.write("5")
 
 
-# CPU workers start with glibc serving every block of 128 KiB or more with
-# mmap and handing it back to the system when it is freed, so that the
-# resident set follows the live tensors while the memory is measured. That
-# costs an mmap per large allocation, which slows steps (densenet121 at 128²,
-# batch 8: naive 2×, efficient less), so the timed steps come after
-# _usual_malloc.
+# The CPU memory worker starts with glibc serving every block of 128 KiB or
+# more with mmap and handing it back to the system when it is freed, so that
+# the resident set follows the live tensors. That costs an mmap per large
+# allocation, which slows steps (densenet121 at 128², batch 8: naive 2×,
+# efficient less), so the steps are timed in a worker of their own, under
+# glibc's own rules (its thresholds then follow the largest blocks freed).
+# Fixed thresholds instead (mmap from 32 MiB, trim above 64 MiB: the most
+# glibc's rules can reach) made the timing depend on the heap's shape: an
+# efficient densenet121 step freed a top of more than 64 MiB and faulted
+# ~20,000 pages back in every step (~25 ms of 290), naive's fragmented heap
+# never did.
 LARGE_BLOCKS_HANDED_BACK = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def _usual_malloc() -> None:
-    """glibc's thresholds where its own rules settle on a 64-bit machine once
-    large blocks have been freed: blocks from 32 MiB mmapped, the heap
-    trimmed above 64 MiB free."""
-    libc = ctypes.CDLL(None)
-    if libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 64 * 2**20) != 1:
-        raise RuntimeError("mallopt failed: CPU workers need glibc")
 
 
 def step_statistics(times: list) -> dict:
@@ -107,6 +102,9 @@ def merge_rounds(results: list) -> dict:
 
 
 def measure(config: dict) -> dict:
+    """One configuration's part in this process: on the CPU either its
+    memory (``config["part"] == "memory"``) or its timed steps; on CUDA
+    both."""
     import gc
 
     import torch
@@ -116,6 +114,7 @@ def measure(config: dict) -> dict:
 
     device = torch.device(config["device"])
     cuda = device.type == "cuda"
+    memory_part = config.get("part") == "memory"
     variant = MODES[config["mode"]]
     shape = input_shape(config)
     torch.manual_seed(0)
@@ -128,9 +127,10 @@ def measure(config: dict) -> dict:
     autocast_dtype = getattr(torch, autocast_dtype) if autocast_dtype else None
     memory_format = layout_of(config)
     model = model.to(memory_format=memory_format)
-    # On the CPU the saved bytes are predicted exactly without autocast only.
-    prediction = (estimate_training_step(model, shape, autocast_dtype=autocast_dtype).total if cuda
-                  else None if autocast_dtype else model_saved_bytes(model, shape))
+    # CPU: the saved bytes, predicted exactly without autocast only.
+    prediction = (None if variant.compiled
+                  else estimate_training_step(model, shape, autocast_dtype=autocast_dtype).total if cuda
+                  else model_saved_bytes(model, shape) if memory_part and not autocast_dtype else None)
     if variant.memory_budget is not None:
         import torch._functorch.config
 
@@ -159,20 +159,19 @@ def measure(config: dict) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
 
+    if memory_part:
+        # A step in which saved-tensor hooks count what eager autograd keeps
+        # (not what a compiled graph keeps), then one whose resident-set peak
+        # is measured.
+        step(count_saved=not variant.compiled)
+        gc.collect()
+        _reset_peak_rss()
+        resident = _process_memory("VmRSS")
+        step()
+        return {"result": "ok", "memory_bytes": saved[0] if saved else None,
+                "memory_kind": "saved for backward (CPU)", "step_peak_bytes": _process_memory("VmHWM") - resident,
+                "predicted_bytes": prediction}
     try:
-        if not cuda:
-            # The memory first (glibc handing large blocks back): a step in
-            # which saved-tensor hooks count what eager autograd keeps (not
-            # what a compiled graph keeps), then one whose resident-set peak
-            # is measured.
-            step(count_saved=not variant.compiled)
-            gc.collect()
-            _reset_peak_rss()
-            resident = _process_memory("VmRSS")
-            step()
-            cpu_memory = {"memory_bytes": saved[0] if saved else None, "memory_kind": "saved for backward (CPU)",
-                          "step_peak_bytes": _process_memory("VmHWM") - resident}
-            _usual_malloc()
         for _ in range(config["warmup"]):
             step()
         synchronize()
@@ -188,21 +187,20 @@ def measure(config: dict) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
     except torch.cuda.OutOfMemoryError:
         return {"result": "OOM"}
-    result = {"result": "ok", **step_statistics(times), "predicted_bytes": None if variant.compiled else prediction}
+    result = {"result": "ok", **step_statistics(times)}
     if cuda:
         result["memory_bytes"] = torch.cuda.max_memory_allocated(device)
         result["memory_kind"] = "peak allocated (CUDA)"
         result["step_peak_bytes"] = result["memory_bytes"] - resident
-    else:
-        result.update(cpu_memory)
+        result["predicted_bytes"] = prediction
     return result
 
 
 def run_in_subprocess(config: dict, timeout: float) -> dict:
-    """One configuration in a fresh process; on the CPU one that starts with
-    glibc handing large blocks back (measure takes the memory first)."""
+    """One part of a configuration (measure) in a fresh process; the CPU's
+    memory part in one where glibc hands large blocks back."""
     command = [sys.executable, "-m", "densenet_efficient", "bench", "--worker", json.dumps(config)]
-    env = dict(os.environ, **LARGE_BLOCKS_HANDED_BACK) if config["device"] == "cpu" else None
+    env = dict(os.environ, **LARGE_BLOCKS_HANDED_BACK) if config.get("part") == "memory" else None
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -213,6 +211,18 @@ def run_in_subprocess(config: dict, timeout: float) -> dict:
     if done.returncode in (-9, 137) or "MemoryError" in done.stderr:
         return {"result": "OOM"}
     return {"result": "failed", "error": done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]}
+
+
+def measure_configuration(config: dict, timeout: float, memory: bool = True) -> dict:
+    """A configuration's timed steps and, with ``memory``, its memory: on
+    the CPU from two processes (memory first), on CUDA from one."""
+    if config["device"] != "cpu" or not memory:
+        return run_in_subprocess(config, timeout)
+    measured = run_in_subprocess(dict(config, part="memory"), timeout)
+    if measured["result"] != "ok":
+        return measured
+    steps = run_in_subprocess(config, timeout)
+    return dict(steps, **measured) if steps["result"] == "ok" else steps
 
 
 def largest_batch(config: dict, timeout: float) -> int:
@@ -377,7 +387,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         for config, done in zip(configs, results):
             label = f"{config['model']} {config['mode']}" + (f" (round {round_ + 1})" if args.rounds > 1 else "")
             progress.update(f"{label} batch {config['batch']}")
-            done.append(run_in_subprocess(config, args.timeout))
+            done.append(measure_configuration(config, args.timeout, memory=round_ == 0))
             progress.advance(f"{label}: {done[-1].get('result')}")
     rows = [dict(config, **merge_rounds(done)) for config, done in zip(configs, results)]
     add_ratios(rows)

@@ -99,21 +99,37 @@ def test_step_peak_is_the_resident_high_water_mark_since_its_reset():
     assert _process_memory("VmHWM") - before >= 63 * 2**20
 
 
-def test_bench_runs_a_compiled_model_with_a_low_memory_budget():
-    from densenet_efficient.bench import run_in_subprocess
+def test_bench_measures_cpu_memory_and_times_in_separate_processes():
+    """The memory from a process where glibc hands large blocks back, the
+    times from one left to glibc's own rules; a row holds both."""
+    from densenet_efficient.bench import measure_configuration, run_in_subprocess
 
-    result = run_in_subprocess({"model": "densenet_bc-10-4", "mode": "compiled-naive-lowmem", "batch": 2,
-                                "input_size": 16, "device": "cpu", "steps": 1, "warmup": 1}, timeout=600)
+    config = {"model": "densenet_bc-10-4", "mode": "efficient", "batch": 2, "input_size": 16, "device": "cpu",
+              "steps": 2, "warmup": 1}
+    memory = run_in_subprocess(dict(config, part="memory"), timeout=300)
+    assert memory["result"] == "ok" and memory["memory_bytes"] == memory["predicted_bytes"] > 0
+    assert memory["step_peak_bytes"] > 0 and "step_ms" not in memory
+    steps = run_in_subprocess(config, timeout=300)
+    assert steps["result"] == "ok" and len(steps["step_ms_all"]) == 2 and "memory_bytes" not in steps
+    row = measure_configuration(config, timeout=300)
+    assert row["memory_bytes"] == memory["memory_bytes"] and len(row["step_ms_all"]) == 2
+
+
+def test_bench_runs_a_compiled_model_with_a_low_memory_budget():
+    from densenet_efficient.bench import measure_configuration
+
+    result = measure_configuration({"model": "densenet_bc-10-4", "mode": "compiled-naive-lowmem", "batch": 2,
+                                    "input_size": 16, "device": "cpu", "steps": 1, "warmup": 1}, timeout=600)
     assert result["result"] == "ok", result
     # Saved-tensor hooks do not see what a compiled graph keeps: no figure rather than a wrong one.
     assert result["memory_bytes"] is None and result["predicted_bytes"] is None and result["step_peak_bytes"] >= 0
 
 
 def test_bench_records_a_failed_configuration_and_goes_on():
-    from densenet_efficient.bench import run_in_subprocess
+    from densenet_efficient.bench import measure_configuration
 
-    result = run_in_subprocess({"model": "densenet_bc-10-4", "mode": "efficient", "batch": 1, "input_size": 1,
-                                "device": "cpu", "steps": 1, "warmup": 1}, timeout=300)
+    result = measure_configuration({"model": "densenet_bc-10-4", "mode": "efficient", "batch": 1, "input_size": 1,
+                                    "device": "cpu", "steps": 1, "warmup": 1}, timeout=300)
     assert result["result"] == "failed" and result["error"]  # one value per channel: BatchNorm refuses
 
 
