@@ -523,13 +523,16 @@ def test_channel_rows_of_many_channels_and_rows_equal_the_planes(device, dtype):
     assert rel_error(ours[0], planes[1]) <= close and rel_error(ours[1], planes[2]) <= close
 
 
+@pytest.mark.parametrize("maps", [(60, 40), (6, 4)], ids=["chunks", "one-chunk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_channel_row_reductions_do_not_depend_on_the_thread_count(dtype):
+def test_cpu_channel_row_reductions_do_not_depend_on_the_thread_count(dtype, maps):
     """300 of 310 channels over 2·60·40 rows: several chunks of rows and
-    blocks of channels, which threads take in turn. The sums are added up in
-    a fixed order, so 1, 2 and 5 threads give the same bits."""
-    x = channels_last_buffer(2, 310, (60, 40), dtype, "cpu")[:, 5:305]
-    grad = channels_last_buffer(2, 310, (60, 40), dtype, "cpu", seed=1)[:, 5:305]
+    blocks of channels, which threads take in turn; over 2·6·4 rows, one
+    chunk, whose blocks of channels narrow as the threads outnumber them.
+    The sums are added up in a fixed order, so 1, 2, 5 and 8 threads give the
+    same bits."""
+    x = channels_last_buffer(2, 310, maps, dtype, "cpu")[:, 5:305]
+    grad = channels_last_buffer(2, 310, maps, dtype, "cpu", seed=1)[:, 5:305]
     weight, bias = bn_vectors(300, dtype=math_dtype(dtype))
 
     def results():
@@ -541,7 +544,7 @@ def test_cpu_channel_row_reductions_do_not_depend_on_the_thread_count(dtype):
     threads = torch.get_num_threads()
     try:
         runs = []
-        for count in (1, 2, 5):
+        for count in (1, 2, 5, 8):
             torch.set_num_threads(count)
             runs.append(results())
     finally:

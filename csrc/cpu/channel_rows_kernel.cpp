@@ -53,28 +53,47 @@ constexpr int64_t kRowsPerChunk = kSumBlock;
 // too few for several chunks (a deep block's small maps) still keep every
 // thread busy.
 constexpr int64_t kChannelsPerBlock = 128;
+// The sums' loops take channels a tile of this many at a time (rows_tiled_sum).
+constexpr int64_t kChannelTile = 16;
 
 int64_t chunks_of(int64_t rows) {
   return (rows + kRowsPerChunk - 1) / kRowsPerChunk;
 }
 
+// kChannelsPerBlock, halved down to a tile while there are fewer chunks ×
+// blocks than threads: a bottleneck's 128 channels over 16×16 maps, batch 8,
+// were one item, summed by one thread of two (71 µs for backward's sums
+// over [8, 128, 16, 16] fp32 channels-last maps, 29 over NCHW planes).
+// Blocks start at multiples of kChannelTile whatever their width, so every
+// channel is summed the same way, and the result does not depend on the
+// number of threads.
+int64_t channels_per_block(int64_t chunks, int64_t channels) {
+  int64_t width = kChannelsPerBlock;
+  while (width > kChannelTile && chunks * ((channels + width - 1) / width) < at::get_num_threads()) {
+    width /= 2;
+  }
+  return width;
+}
+
 // Per chunk of rows and block of channels, `accumulate(rows begin, rows end,
 // channels begin, channels end, sums)` adds those channels' values into
 // `sums`, the chunk's [`values` · C] math_t (zeroed); the chunks' sums come
-// back in double, [`values` · C] added up in chunk order. The split depends
-// on the shape only: any number of threads gives the same result.
+// back in double, [`values` · C] added up in chunk order. How each channel is
+// summed depends on the shape only: any number of threads gives the same
+// result.
 template <typename math_t, typename Accumulate>
 std::vector<double> chunked_sums(int64_t rows, int64_t channels, int64_t values, const Accumulate& accumulate) {
   const int64_t chunks = chunks_of(rows);
-  const int64_t blocks = (channels + kChannelsPerBlock - 1) / kChannelsPerBlock;
+  const int64_t width = channels_per_block(chunks, channels);
+  const int64_t blocks = (channels + width - 1) / width;
   std::vector<math_t> partial(static_cast<size_t>(chunks * values * channels));
-  const int64_t values_per_item = std::min(rows, kRowsPerChunk) * std::min(channels, kChannelsPerBlock);
+  const int64_t values_per_item = std::min(rows, kRowsPerChunk) * std::min(channels, width);
   at::parallel_for(0, chunks * blocks, grain_for(values_per_item), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t k = item / blocks, b = item % blocks;
       accumulate(
-          k * kRowsPerChunk, std::min(rows, (k + 1) * kRowsPerChunk), b * kChannelsPerBlock,
-          std::min(channels, (b + 1) * kChannelsPerBlock), &partial[k * values * channels]);
+          k * kRowsPerChunk, std::min(rows, (k + 1) * kRowsPerChunk), b * width,
+          std::min(channels, (b + 1) * width), &partial[k * values * channels]);
     }
   });
   std::vector<double> total(static_cast<size_t>(values * channels), 0.0);
@@ -114,7 +133,6 @@ struct ChannelAffine {
 // fp32 channels-last maps took 83 µs against 20 over NCHW planes. Tiles
 // over whole chunks of rows instead of blocks made wide rows (a bottleneck's
 // 128 channels) slower. Backward's sums go the same way.
-constexpr int64_t kChannelTile = 16;
 constexpr int64_t kRowBlock = 64;
 
 // sum[c] += term(x[r][c], c) over rows [begin, end).
