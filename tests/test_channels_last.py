@@ -101,14 +101,23 @@ def test_saved_bytes_equal_the_model_and_the_contiguous_block(spatial_dims, opti
     assert saved["channels_last"] == saved["contiguous"] == expected
 
 
-def test_the_step_peak_is_no_higher_than_in_nchw():
+@pytest.mark.parametrize("shape, layers, growth, model_too", [
+    ((4, 16, 16, 16), 6, 8, False),
+    # MONAI's 3-D DenseNet121 converted whole: its 3×3×3 weights channels
+    # last too, whose gradients oneDNN copies twice on their way out.
+    ((2, 16, 8, 8, 8), 4, 8, True),
+])
+def test_the_step_peak_is_no_higher_than_in_nchw(shape, layers, growth, model_too):
     """What a training step of a block allocates (CPU allocator, profiler)
     beyond what it keeps between steps, channels last against contiguous."""
     peaks = {}
     for layout in ("contiguous", "channels_last"):
-        block, _ = make_pair(6, 16, 8, dtype=torch.float32)
-        x = torch.randn(4, 16, 16, 16, requires_grad=True)
-        x = channels_last(x.detach()).requires_grad_() if layout == "channels_last" else x
+        block, _ = make_pair(layers, shape[1], growth, dtype=torch.float32, spatial_dims=len(shape) - 2)
+        x = torch.randn(*shape, requires_grad=True)
+        if layout == "channels_last":
+            x = channels_last(x.detach()).requires_grad_()
+            if model_too:
+                block = block.to(memory_format=FORMATS[len(shape) - 2])
 
         def step():
             block.zero_grad(set_to_none=True)
