@@ -1,5 +1,6 @@
 #include "convolution.h"
 
+#include "cpu/shifted_taps.h"
 #include "cpu/tap_columns.h"
 #include "dense_block.h"
 #include "per_channel_ops.h"
@@ -239,6 +240,23 @@ std::tuple<Tensor, Tensor> tap_convolution_backward(
   return {grad_input, laid_out_like(grad_weight, weight)};
 }
 
+// Whether the backward of a k×k (k×k×k) "same" convolution over
+// channels-last CPU maps runs as GEMMs over shifted taps
+// (cpu/shifted_taps.h): where their grids are smaller than two weights, what
+// oneDNN's channels-last backward adds (two copies of the weight gradient on
+// its way out, a reordered weight for the input gradient). In MONAI's
+// DenseNet121 that is the 3×3×3 layers at 4³ (batch 2); at 8³ the grids
+// would outweigh those copies.
+// Float32 and float64 only: half and bfloat16 GEMMs this small run at less
+// than half float32's speed (a 4³ layer's 27 taps: 0.70 ms against 0.31),
+// slower than oneDNN's whole bfloat16 backward of the layer (0.25 ms).
+bool runs_as_shifted_taps(const Tensor& input, const Tensor& weight, int64_t padding) {
+  const bool reduced_precision = at::toOpMathType(input.scalar_type()) != input.scalar_type();
+  return runs_as_gemm(input) && !reduced_precision && input.dim() >= 4 && input.numel() > 0 && padding >= 1 &&
+      input.suggest_memory_format() != at::MemoryFormat::Contiguous && keeps_size(weight, padding) &&
+      cpu::shifted_tap_grid_elements(input, weight.size(0), weight.size(2)) < 2 * weight.numel();
+}
+
 // dW = Σ_n dy[n] · x[n]ᵀ: the per-sample products [N, C_out, C_in] summed,
 // which copies no operand, unless those products outweigh copying both
 // operands into [C, N·plane] matrices for one GEMM (small planes), or the
@@ -342,11 +360,12 @@ std::tuple<Tensor, Tensor> conv_backward(
   if (runs_as_tap_gemm(input, weight, padding)) {
     return tap_convolution_backward(grad_output, input, weight);
   }
+  if (runs_as_shifted_taps(input, weight, padding)) {
+    auto [grad_input, grad_weight] = cpu::shifted_tap_backward(grad_output, input, weight);
+    return {grad_input, laid_out_like(grad_weight, weight)};
+  }
   const auto conv_weight = conv_weight_for(weight, input);
-  // In the layout ATen's backend takes it, so that the two calls below do
-  // not copy it twice.
-  const auto grad = grad_output.contiguous(aten_output_format(input, conv_weight, padding));
-  auto backward = [&](bool of_input, bool of_weight) {
+  auto backward = [&](const Tensor& grad, bool of_input, bool of_weight) {
     return at::convolution_backward(
         grad, input, conv_weight, /*bias_sizes=*/std::nullopt,
         /*stride=*/per_spatial_dim(input, 1), /*padding=*/per_spatial_dim(input, padding),
@@ -362,11 +381,13 @@ std::tuple<Tensor, Tensor> conv_backward(
     // is allocated, at no cost in time. A 3×3×3 layer of MONAI's
     // DenseNet121 at 8³ (batch 2) peaked at 1808 KiB channels last and 1584
     // NCDHW, now 1388 and 1504; densenet121's 3×3 at 32² (batch 8) at 4528
-    // and 9512, now 4396 and 8336.
-    grad_weight = std::get<1>(backward(false, true));
-    grad_input = std::get<0>(backward(true, false));
+    // and 9512, now 4396 and 8336. The output gradient goes to both calls in
+    // the layout ATen's backend takes it, copied once (each call would).
+    const auto grad = grad_output.contiguous(aten_output_format(input, conv_weight, padding));
+    grad_weight = std::get<1>(backward(grad, false, true));
+    grad_input = std::get<0>(backward(grad, true, false));
   } else {
-    std::tie(grad_input, grad_weight, std::ignore) = backward(true, true);
+    std::tie(grad_input, grad_weight, std::ignore) = backward(grad_output, true, true);
   }
   // The weight's gradient laid out as the weight, as the fake kernels promise
   // and compiled graphs trust; the input's (used only inside the operators)
