@@ -62,18 +62,21 @@ def _reset_peak_rss() -> None:
         clear_refs.write("5")
 
 
-# The CPU memory worker starts with glibc serving every block of 128 KiB or
+# The CPU memory worker starts with glibc serving every block of a page or
 # more with mmap and handing it back to the system when it is freed, so that
-# the resident set follows the live tensors. That costs an mmap per large
-# allocation, which slows steps (densenet121 at 128², batch 8: naive 2×,
-# efficient less), so the steps are timed in a worker of their own, under
-# glibc's own rules (its thresholds then follow the largest blocks freed).
+# the resident set follows the live tensors. From 128 KiB instead, the blocks
+# below it fragmented glibc's heap differently from process to process: five
+# runs of one MONAI 3-D configuration read step peaks of 7.6 to 9.4 MiB
+# (from a page: 7.8 to 8.1). That costs an mmap per allocation, which slows
+# steps (densenet121 at 128², batch 8: naive 2×, efficient less), so the
+# steps are timed in a worker of their own, under glibc's own rules (its
+# thresholds then follow the largest blocks freed).
 # Fixed thresholds instead (mmap from 32 MiB, trim above 64 MiB: the most
 # glibc's rules can reach) made the timing depend on the heap's shape: an
 # efficient densenet121 step freed a top of more than 64 MiB and faulted
 # ~20,000 pages back in every step (~25 ms of 290), naive's fragmented heap
 # never did.
-LARGE_BLOCKS_HANDED_BACK = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+BLOCKS_HANDED_BACK = {"MALLOC_MMAP_THRESHOLD_": str(4096)}
 
 
 def step_statistics(times: list) -> dict:
@@ -110,6 +113,7 @@ def measure(config: dict) -> dict:
     import torch
 
     from . import builders
+    from .allocations import allocation_peak
     from .memory import estimate_training_step, model_saved_bytes, saved_tensor_bytes
 
     device = torch.device(config["device"])
@@ -161,8 +165,8 @@ def measure(config: dict) -> dict:
 
     if memory_part:
         # A step in which saved-tensor hooks count what eager autograd keeps
-        # (not what a compiled graph keeps), then one whose resident-set peak
-        # is measured.
+        # (not what a compiled graph keeps), one whose resident-set peak is
+        # measured, and one whose allocations the profiler follows.
         step(count_saved=not variant.compiled)
         gc.collect()
         _reset_peak_rss()
@@ -171,9 +175,11 @@ def measure(config: dict) -> dict:
         # The kernel counts resident pages in per-CPU batches: a step that
         # allocates next to nothing (a tiny model) can read a few pages below
         # its start.
+        step_peak = max(0, _process_memory("VmHWM") - resident)
+        _, allocated_peak = allocation_peak(step)
         return {"result": "ok", "memory_bytes": saved[0] if saved else None,
                 "memory_kind": "saved for backward (CPU)",
-                "step_peak_bytes": max(0, _process_memory("VmHWM") - resident),
+                "step_peak_bytes": step_peak, "step_allocated_bytes": allocated_peak,
                 "predicted_bytes": prediction}
     try:
         for _ in range(config["warmup"]):
@@ -202,9 +208,9 @@ def measure(config: dict) -> dict:
 
 def run_in_subprocess(config: dict, timeout: float) -> dict:
     """One part of a configuration (measure) in a fresh process; the CPU's
-    memory part in one where glibc hands large blocks back."""
+    memory part in one where glibc hands every block of a page or more back."""
     command = [sys.executable, "-m", "densenet_efficient", "bench", "--worker", json.dumps(config)]
-    env = dict(os.environ, **LARGE_BLOCKS_HANDED_BACK) if config.get("part") == "memory" else None
+    env = dict(os.environ, **BLOCKS_HANDED_BACK) if config.get("part") == "memory" else None
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

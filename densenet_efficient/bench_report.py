@@ -71,16 +71,17 @@ def _ratio(value, digits: int) -> str:
 def table(rows: list[dict], markdown: bool = False) -> str:
     kind = next((r["memory_kind"] for r in rows if r.get("memory_kind")), "memory")
     columns = ["model", "input", "batch", "mode", "precision", "layout", f"{kind} MiB", "predicted MiB", "vs naive",
-               "step peak MiB", "vs naive", "step ms (spread)", "vs naive"]
+               "step peak MiB", "vs naive", "step allocated MiB", "step ms (spread)", "vs naive"]
     lines = []
     for r in rows:
         run = [r["model"], input_label(r), str(r["batch"]), r["mode"], r.get("precision", "fp32"), layout_label(r)]
         if r.get("result") != "ok":
-            cells = run + [r.get("result", "?")] + [""] * 6
+            cells = run + [r.get("result", "?")] + [""] * 7
         else:
             cells = run + [_mib(r.get("memory_bytes")),
                      _mib(r.get("predicted_bytes")), _ratio(r.get("memory_vs_naive"), 3),
                      _mib(r.get("step_peak_bytes")), _ratio(r.get("step_peak_vs_naive"), 3),
+                     _mib(r.get("step_allocated_bytes")),
                      f"{r['step_ms']:.1f} ({r['step_ms_low']:.1f}-{r['step_ms_high']:.1f} {r['step_ms_spread']})",
                      _ratio(r.get("step_vs_naive"), 2)]
         lines.append(cells)

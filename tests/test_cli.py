@@ -100,10 +100,11 @@ def test_step_peak_is_the_resident_high_water_mark_since_its_reset():
 
 
 def test_bench_measures_cpu_memory_and_times_in_separate_processes():
-    """The memory from a process where glibc hands large blocks back, the
-    times from one left to glibc's own rules; a row holds both. Maps of 32²
-    at batch 4, so that the step peak stands well above what the kernel's
-    batched resident-set counters can be off by."""
+    """The memory from a process where glibc hands every block of a page or
+    more back, the times from one left to glibc's own rules; a row holds
+    both. Maps of 32² at batch 4, so that the step peak stands well above
+    what the kernel's batched resident-set counters can be off by. The
+    allocated peak (the profiler's) is the same in another process."""
     from densenet_efficient.bench import measure_configuration, run_in_subprocess
 
     config = {"model": "densenet_bc-10-4", "mode": "efficient", "batch": 4, "input_size": 32, "device": "cpu",
@@ -111,10 +112,12 @@ def test_bench_measures_cpu_memory_and_times_in_separate_processes():
     memory = run_in_subprocess(dict(config, part="memory"), timeout=300)
     assert memory["result"] == "ok" and memory["memory_bytes"] == memory["predicted_bytes"] > 0
     assert memory["step_peak_bytes"] > 0 and "step_ms" not in memory
+    assert memory["step_allocated_bytes"] > 0
     steps = run_in_subprocess(config, timeout=300)
     assert steps["result"] == "ok" and len(steps["step_ms_all"]) == 2 and "memory_bytes" not in steps
     row = measure_configuration(config, timeout=300)
     assert row["memory_bytes"] == memory["memory_bytes"] and len(row["step_ms_all"]) == 2
+    assert row["step_allocated_bytes"] == memory["step_allocated_bytes"]
 
 
 def test_bench_runs_a_compiled_model_with_a_low_memory_budget():
