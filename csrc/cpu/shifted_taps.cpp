@@ -111,10 +111,11 @@ std::tuple<at::Tensor, at::Tensor> shifted_tap_backward(
   const auto pixels = rows.narrow(0, grid.lead, grid.rows());
   grid.interior(pixels).copy_(input);
 
-  auto grad_weight = at::empty_like(weight, grad_output.options());
-  // [C_out, C_in, T] views in either layout (row-major [C_out, C_in] tap
-  // slices for a channels-last weight; strided for a contiguous one, which
-  // the GEMMs take through copies of the slices).
+  // Contiguous or channels last (the caller lays it out as the weight): then
+  // [C_out, C_in, T] is a view (row-major [C_out, C_in] tap slices for a
+  // channels-last weight; strided for a contiguous one, which the GEMMs take
+  // through copies of the slices).
+  auto grad_weight = at::empty(weight.sizes(), grad_output.options().memory_format(weight.suggest_memory_format()));
   const auto grad_by_tap = grad_weight.flatten(2);
   const auto weight_by_tap = weight.flatten(2);
   const auto taps = grad_by_tap.size(2);

@@ -19,7 +19,7 @@ int64_t shifted_tap_grid_elements(const at::Tensor& input, int64_t out_channels,
 
 // (dx, dW) for `input` [N, C_in, *spatial], `grad_output` [N, C_out, *spatial]
 // (any strides; float64/32/16, bfloat16) and `weight` [C_out, C_in, k, …]:
-// dx channels last, dW laid out as the weight (contiguous or channels last).
+// dx channels last, dW contiguous or channels last as the weight suggests.
 std::tuple<at::Tensor, at::Tensor> shifted_tap_backward(
     const at::Tensor& grad_output,
     const at::Tensor& input,
