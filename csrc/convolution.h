@@ -1,7 +1,8 @@
 // The convolutions of a dense layer (and of the fused transition): bias-free,
 // stride 1, of the input's spatial rank. On the CPU the 1×1 ones and those
-// over maps of at most 16 pixels are GEMMs (convolution.cpp says where and
-// why); the rest are ATen's (oneDNN, cuDNN).
+// over maps of at most 16 pixels are GEMMs, and so is the backward over
+// channels-last maps that their weights outweigh (convolution.cpp says where
+// and why); the rest are ATen's (oneDNN, cuDNN).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -48,7 +49,8 @@ std::tuple<Tensor, Tensor> conv1x1_backward_over_input(
     const Tensor& input,
     const Tensor& weight);
 
-// Gradients of a bias-free, stride-1 convolution w.r.t. its input and weight.
+// Gradients of a bias-free, stride-1 convolution w.r.t. its input and weight:
+// on the CPU through oneDNN the weight's first, in a call of its own.
 std::tuple<Tensor, Tensor> conv_backward(
     const Tensor& grad_output,
     const Tensor& input,
