@@ -6,8 +6,8 @@
 #include "per_channel_ops.h"
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/native/ConvUtils.h>
+#include <c10/core/ScalarType.h>
 
 #include <algorithm>
 #include <vector>
@@ -251,9 +251,9 @@ std::tuple<Tensor, Tensor> tap_convolution_backward(
 // than half float32's speed (a 4³ layer's 27 taps: 0.70 ms against 0.31),
 // slower than oneDNN's whole bfloat16 backward of the layer (0.25 ms).
 bool runs_as_shifted_taps(const Tensor& input, const Tensor& weight, int64_t padding) {
-  const bool reduced_precision = at::toOpMathType(input.scalar_type()) != input.scalar_type();
-  return runs_as_gemm(input) && !reduced_precision && input.dim() >= 4 && input.numel() > 0 && padding >= 1 &&
-      input.suggest_memory_format() != at::MemoryFormat::Contiguous && keeps_size(weight, padding) &&
+  return runs_as_gemm(input) && !c10::isReducedFloatingType(input.scalar_type()) && input.dim() >= 4 &&
+      input.numel() > 0 && padding >= 1 && input.suggest_memory_format() != at::MemoryFormat::Contiguous &&
+      keeps_size(weight, padding) &&
       cpu::shifted_tap_grid_elements(input, weight.size(0), weight.size(2)) < 2 * weight.numel();
 }
 
@@ -264,9 +264,8 @@ bool runs_as_shifted_taps(const Tensor& input, const Tensor& weight, int64_t pad
 Tensor conv1x1_weight_grad(const Tensor& grad_output, const Tensor& input, const Tensor& weight) {
   const auto out_channels = weight.size(0);
   const auto in_channels = weight.size(1);
-  const bool reduced_precision = at::toOpMathType(input.scalar_type()) != input.scalar_type();
   Tensor grad;
-  if (!reduced_precision &&
+  if (!c10::isReducedFloatingType(input.scalar_type()) &&
       out_channels * in_channels <= (out_channels + in_channels) * plane_size(input)) {
     grad = at::bmm(planes(grad_output), planes(input).transpose(1, 2)).sum(0);
   } else {
